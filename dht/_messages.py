@@ -1,0 +1,199 @@
+"""DHT messages and their msgpack-ready wire form, sans-IO.
+
+A request is a map ``{"op": ..., ...}``; a node in server mode adds ``"from"``, the
+binary multiaddrs it listens on (a client leaves it out and never enters routing
+tables). Replies carry ``"peers"`` (``[peer id bytes, [multiaddr bytes, ...]]``), the
+``"entries"`` found (``[sub-key or nil, value, expiry, signature]``), the per-entry
+``"codes"`` of a store, or ``"refused"`` with a ``RefusalCode`` and a message.
+
+Every decoder checks types and bounds and raises ``DhtProtocolError``: a peer's
+malformed message never becomes another exception on our side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from security import InvalidPeerId, PeerId
+from transport._errors import MultiaddrError
+from transport._multiaddr import Multiaddr
+
+from ._contact import Contact
+from ._errors import DhtProtocolError, RefusalCode
+from ._ids import id_from_bytes, id_to_bytes
+from ._limits import DhtLimits
+from ._records import Entry
+
+PROTOCOL_ID = "/swarm/dht/1.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class FindNode:
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class FindValue:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    key: bytes
+    entries: tuple[Entry, ...]
+
+
+Request = Ping | FindNode | FindValue | Store
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer: contacts, entries found, per-entry store codes, or a refusal."""
+
+    peers: tuple[Contact, ...] = ()
+    entries: tuple[Entry, ...] = ()
+    codes: tuple[RefusalCode, ...] = ()
+    refused: RefusalCode = RefusalCode.OK
+    message: str = ""
+
+
+def encode_request(request: Request, own_addrs: tuple[Multiaddr, ...] | None) -> dict[str, Any]:
+    """The wire map of ``request``; ``own_addrs`` None means we are a client."""
+    match request:
+        case Ping():
+            message: dict[str, Any] = {"op": "ping"}
+        case FindNode(target):
+            message = {"op": "find_node", "id": id_to_bytes(target)}
+        case FindValue(key):
+            message = {"op": "find_value", "key": key}
+        case Store(key, entries):
+            message = {"op": "store", "key": key, "entries": [_entry_fields(e) for e in entries]}
+    if own_addrs is not None:
+        message["from"] = [a.to_bytes() for a in own_addrs]
+    return message
+
+
+def _entry_fields(entry: Entry) -> list[Any]:
+    return [entry.subkey, entry.value, entry.expiry, entry.signature]
+
+
+def _bytes(value: Any, what: str, limit: int) -> bytes:
+    if not isinstance(value, bytes):
+        raise DhtProtocolError(f"{what} must be bytes, got {type(value).__name__}")
+    if len(value) > limit:
+        raise DhtProtocolError(f"{what} of {len(value)} bytes exceeds {limit}")
+    return value
+
+
+def _list(value: Any, what: str, limit: int) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise DhtProtocolError(f"{what} must be a list, got {type(value).__name__}")
+    if len(value) > limit:
+        raise DhtProtocolError(f"{what} has {len(value)} items, over the limit of {limit}")
+    return list(value)
+
+
+def _addrs(value: Any, limits: DhtLimits) -> tuple[Multiaddr, ...]:
+    raw = _list(value, "address list", limits.max_addrs_per_peer)
+    try:
+        return tuple(Multiaddr.from_bytes(_bytes(a, "address", 1024)) for a in raw)
+    except MultiaddrError as exc:
+        raise DhtProtocolError(f"bad address: {exc}") from None
+
+
+def _entries(key: bytes, value: Any, limits: DhtLimits) -> tuple[Entry, ...]:
+    entries = []
+    for fields in _list(value, "entries", limits.max_entries_per_message):
+        fields = _list(fields, "entry", 4)
+        if len(fields) != 4:
+            raise DhtProtocolError("an entry is [sub-key, value, expiry, signature]")
+        subkey, data, expiry, signature = fields
+        if subkey is not None:
+            subkey = _bytes(subkey, "sub-key", limits.max_message_bytes)
+        if not isinstance(expiry, float | int) or isinstance(expiry, bool):
+            raise DhtProtocolError(f"expiry must be a number, got {type(expiry).__name__}")
+        entries.append(
+            Entry(
+                key,
+                subkey,
+                _bytes(data, "value", limits.max_message_bytes),
+                float(expiry),
+                _bytes(signature, "signature", 1024),
+            )
+        )
+    return tuple(entries)
+
+
+def decode_request(message: Any, limits: DhtLimits) -> tuple[Request, tuple[Multiaddr, ...] | None]:
+    """Parse a request map: the request and the sender's addresses (None for a client)."""
+    if not isinstance(message, dict):
+        raise DhtProtocolError(f"a DHT request is a map, got {type(message).__name__}")
+    op = message.get("op")
+    request: Request
+    if op == "ping":
+        request = Ping()
+    elif op == "find_node":
+        request = FindNode(id_from_bytes(message.get("id")))
+    elif op == "find_value":
+        request = FindValue(_bytes(message.get("key"), "key", limits.max_key_bytes))
+    elif op == "store":
+        key = _bytes(message.get("key"), "key", limits.max_key_bytes)
+        request = Store(key, _entries(key, message.get("entries"), limits))
+    else:
+        raise DhtProtocolError(f"unknown DHT operation {op!r}")
+    sender = message.get("from")
+    return request, None if sender is None else _addrs(sender, limits)
+
+
+def encode_reply(reply: Reply) -> dict[str, Any]:
+    message: dict[str, Any] = {}
+    if reply.refused is not RefusalCode.OK:
+        return {"refused": int(reply.refused), "message": reply.message}
+    if reply.peers:
+        message["peers"] = [
+            [c.peer_id.to_bytes(), [a.to_bytes() for a in c.addrs]] for c in reply.peers
+        ]
+    if reply.entries:
+        message["entries"] = [_entry_fields(e) for e in reply.entries]
+    if reply.codes:
+        message["codes"] = [int(c) for c in reply.codes]
+    return message
+
+
+def _code(value: Any) -> RefusalCode:
+    try:
+        return RefusalCode(value)
+    except ValueError:
+        raise DhtProtocolError(f"unknown refusal code {value!r}") from None
+
+
+def decode_reply(message: Any, limits: DhtLimits, *, key: bytes = b"") -> Reply:
+    """Parse a reply map; ``key`` is the key asked for (entries travel without it)."""
+    if not isinstance(message, dict):
+        raise DhtProtocolError(f"a DHT reply is a map, got {type(message).__name__}")
+    if "refused" in message:
+        text = message.get("message", "")
+        return Reply(refused=_code(message["refused"]), message=str(text)[:1024])
+    peers = []
+    for item in _list(message.get("peers", []), "peers", limits.max_entries_per_message)[
+        : limits.k
+    ]:
+        fields = _list(item, "peer", 2)
+        if len(fields) != 2:
+            raise DhtProtocolError("a peer is [peer id, addresses]")
+        try:
+            peer_id = PeerId.from_bytes(_bytes(fields[0], "peer id", 128))
+        except InvalidPeerId as exc:
+            raise DhtProtocolError(f"bad peer id: {exc}") from None
+        peers.append(Contact(peer_id, _addrs(fields[1], limits)))
+    entries = _entries(key, message.get("entries", []), limits)
+    codes = tuple(
+        _code(c) for c in _list(message.get("codes", []), "codes", limits.max_entries_per_message)
+    )
+    return Reply(tuple(peers), entries, codes)

@@ -1,0 +1,263 @@
+"""RPC frames: the sans-IO core of Swarm's request/response and streaming calls.
+
+A frame is two uvarints, the msgpack header's length and the raw payload's length,
+then the header, then the payload::
+
+    frame   = uvarint(len(header)) uvarint(len(payload)) header payload
+    header  = msgpack map
+      "v"   the message value (any msgpack value)           message frames
+      "p"   true when a raw payload follows (maybe empty)   message frames
+      "d"   seconds left until the call's deadline          first frame of a call
+      "o"   true: opens a streaming call (no value)         first frame of a stream
+      "e"   error code, "m" error message                   error frames
+
+The payload (tensor bytes) never passes through msgpack: a sender writes it as a
+memoryview of the caller's buffer, and ``FrameDecoder`` hands it out as a memoryview
+over the received chunk, or over one join of the chunks when it spans several, so
+each byte is copied at most once. ``FrameDecoder`` never raises on input: a malformed
+or oversized frame becomes a ``FrameRejected`` event, after which the decoder ignores
+everything (the shell answers with an error frame and closes that stream only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from transport._errors import RemoteProtocolError
+from transport._limits import KIB, MIB
+from transport._varint import decode_uvarint, encode_uvarint
+
+from ._errors import LimitExceeded
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFrame:
+    """A message arrived: ``value`` with an optional raw ``payload``."""
+
+    value: Any
+    payload: memoryview | None
+    deadline_s: float | None
+    """Seconds the sender had left until the call's deadline, when it set one."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallOpened:
+    """A streaming call starts; messages follow in both directions."""
+
+    deadline_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """The peer ended the call with an error ``code`` and ``message``."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRejected:
+    """The input broke the framing; ``size`` and ``limit`` are set for an oversized frame."""
+
+    reason: str
+    size: int | None = None
+    limit: int | None = None
+
+    def describe(self, peer: object) -> str:
+        if self.size is not None and self.limit is not None:
+            return (
+                f"RPC frame of {format_bytes(self.size)} from {peer} exceeds "
+                f"RpcLimits.max_frame_bytes={format_bytes(self.limit)}"
+            )
+        return f"malformed RPC frame from {peer}: {self.reason}"
+
+
+FrameEvent = MessageFrame | CallOpened | ErrorFrame | FrameRejected
+
+
+def format_bytes(count: int) -> str:
+    """``9437184`` -> ``"9 MiB"``: sizes the way error messages show them."""
+    for unit, size in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", KIB)):
+        if count >= size:
+            return f"{count / size:.4g} {unit}"
+    return f"{count} bytes"
+
+
+def _check_size(size: int, max_frame_bytes: int) -> None:
+    if size > max_frame_bytes:
+        raise LimitExceeded(
+            f"RPC frame of {format_bytes(size)} to send exceeds "
+            f"RpcLimits.max_frame_bytes={format_bytes(max_frame_bytes)}; "
+            "send the data in several messages or raise the limit on both sides",
+            value=size,
+            limit=max_frame_bytes,
+        )
+
+
+def encode_message(
+    value: Any, payload_len: int | None, *, deadline_s: float | None, max_frame_bytes: int
+) -> bytes:
+    """The frame's prefix and header; the caller writes ``payload_len`` payload bytes after.
+
+    ``payload_len`` None means no payload. Raises ``LimitExceeded`` when the frame would
+    be larger than ``max_frame_bytes`` and ``TypeError`` when msgpack cannot pack ``value``.
+    """
+    header: dict[str, Any] = {"v": value}
+    if payload_len is not None:
+        header["p"] = True
+    if deadline_s is not None:
+        header["d"] = deadline_s
+    packed = msgpack.packb(header)
+    size = len(packed) + (payload_len or 0)
+    _check_size(size, max_frame_bytes)
+    return encode_uvarint(len(packed)) + encode_uvarint(payload_len or 0) + packed
+
+
+def encode_open(deadline_s: float | None) -> bytes:
+    """The frame that opens a streaming call."""
+    header: dict[str, Any] = {"o": True}
+    if deadline_s is not None:
+        header["d"] = deadline_s
+    packed = msgpack.packb(header)
+    return encode_uvarint(len(packed)) + b"\x00" + packed
+
+
+def encode_error(code: str, message: str) -> bytes:
+    """An error frame (no size check: error messages are short)."""
+    packed = msgpack.packb({"e": str(code), "m": message})
+    return encode_uvarint(len(packed)) + b"\x00" + packed
+
+
+def _interpret(header: Any, payload: memoryview | None, has_payload_bytes: bool) -> FrameEvent:
+    if not isinstance(header, dict):
+        return FrameRejected(f"header is a msgpack {type(header).__name__}, not a map")
+    code = header.get("e")
+    if code is not None:
+        message = header.get("m", "")
+        if not isinstance(code, str) or not isinstance(message, str):
+            return FrameRejected("error frame code and message must be strings")
+        if has_payload_bytes:
+            return FrameRejected("error frame carries a payload")
+        return ErrorFrame(code, message)
+    flagged = header.get("p", False) is True
+    if has_payload_bytes and not flagged:
+        return FrameRejected("payload bytes follow a header without the payload flag")
+    deadline = header.get("d")
+    if deadline is not None and (
+        not isinstance(deadline, int | float)
+        or isinstance(deadline, bool)
+        or not math.isfinite(deadline)
+    ):
+        return FrameRejected(f"deadline {deadline!r} is not a finite number of seconds")
+    if header.get("o", False) is True:
+        if flagged:
+            return FrameRejected("the frame opening a call carries a payload")
+        return CallOpened(deadline)
+    return MessageFrame(header.get("v"), payload if flagged else None, deadline)
+
+
+class FrameDecoder:
+    """Cuts a byte stream into frame events; bounded by ``max_frame_bytes``."""
+
+    __slots__ = ("_buf", "_failed", "_header", "_limit", "_need", "_parts")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._limit = max_frame_bytes
+        self._buf = bytearray()
+        """Bytes of an incomplete prefix or header."""
+        self._header: Any = None
+        self._parts: list[memoryview] = []
+        self._need = 0
+        """Payload bytes still missing for the current frame."""
+        self._failed = False
+
+    @property
+    def idle(self) -> bool:
+        """True between frames (no partial frame buffered)."""
+        return not self._buf and not self._need
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[FrameEvent]:
+        """Consume ``data``; return the events it completes, in order."""
+        events: list[FrameEvent] = []
+        view = memoryview(data)
+        while view and not self._failed:
+            if self._need:
+                view = self._take_payload(view, events)
+            elif self._buf:
+                self._buf += view
+                consumed = self._parse_head(self._buf, events)
+                if not consumed:
+                    break
+                view = memoryview(self._buf[consumed:])
+                self._buf = bytearray()
+            else:
+                consumed = self._parse_head(view, events)
+                if not consumed:
+                    if not self._failed:
+                        self._buf = bytearray(view)
+                    break
+                view = view[consumed:]
+        return events
+
+    def _reject(self, events: list[FrameEvent], event: FrameRejected) -> int:
+        self._failed = True
+        self._buf = bytearray()
+        self._parts = []
+        self._need = 0
+        events.append(event)
+        return 0
+
+    def _parse_head(self, buf: bytes | bytearray | memoryview, events: list[FrameEvent]) -> int:
+        """Parse prefix and header at the start of ``buf``; bytes consumed, 0 if incomplete."""
+        try:
+            first = decode_uvarint(buf)
+            if first is None:
+                return 0
+            header_len, used = first
+            second = decode_uvarint(buf, used)
+        except RemoteProtocolError as exc:
+            return self._reject(events, FrameRejected(str(exc)))
+        if second is None:
+            return 0
+        payload_len, used2 = second
+        if header_len + payload_len > self._limit:
+            return self._reject(
+                events,
+                FrameRejected("oversized", size=header_len + payload_len, limit=self._limit),
+            )
+        start = used + used2
+        end = start + header_len
+        if len(buf) < end:
+            return 0
+        try:
+            header = msgpack.unpackb(buf[start:end], strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types on bad input
+            return self._reject(events, FrameRejected(f"header is not msgpack ({exc})"))
+        if payload_len:
+            self._header = header
+            self._need = payload_len
+            return end
+        event = _interpret(header, memoryview(b""), False)
+        if isinstance(event, FrameRejected):
+            return self._reject(events, event)
+        events.append(event)
+        return end
+
+    def _take_payload(self, view: memoryview, events: list[FrameEvent]) -> memoryview:
+        take = min(self._need, len(view))
+        self._parts.append(view[:take])
+        self._need -= take
+        if not self._need:
+            parts, self._parts = self._parts, []
+            payload = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+            event = _interpret(self._header, payload, True)
+            self._header = None
+            if isinstance(event, FrameRejected):
+                self._reject(events, event)
+            else:
+                events.append(event)
+        return view[take:]
