@@ -18,6 +18,10 @@ from transport._multiaddr import Multiaddr
 from ._ids import node_id
 
 _IP_PROTOCOLS = ("ip4", "ip6")
+_LAN_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,8 @@ def ip_group(ip: str | None, *, exempt_private: bool) -> str | None:
     """The diversity group of ``ip`` (``"203.0.113.0/24"``), or None if it is exempt.
 
     IPv4-mapped IPv6 addresses count as their IPv4 address. With ``exempt_private``,
-    loopback, private and link-local addresses belong to no group.
+    loopback, link-local and private LAN addresses (RFC 1918, IPv6 unique-local) belong
+    to no group.
     """
     if ip is None:
         return None
@@ -66,7 +71,11 @@ def ip_group(ip: str | None, *, exempt_private: bool) -> str | None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if exempt_private and (address.is_loopback or address.is_private or address.is_link_local):
+    if exempt_private and (
+        address.is_loopback
+        or address.is_link_local
+        or any(address in net for net in _LAN_NETWORKS if net.version == address.version)
+    ):
         return None
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

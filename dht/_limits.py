@@ -49,11 +49,14 @@ class DhtLimits:
     max_message_bytes: int = 4 * MIB
     max_entries_per_message: int = 4096
     max_addrs_per_peer: int = 8
+    contact_cache_size: int = 4096
 
     # timers
     rpc_timeout_s: float = 5.0
     lookup_stall_s: float = 1.0
     refresh_interval_s: float = 15 * 60.0
+    refresh_min_contacts: int = 5
+    """A bucket refresh looks up random IDs of the bucket until it holds this many."""
     republish_interval_s: float = HOUR
     maintenance_interval_s: float = 60.0
 

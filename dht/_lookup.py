@@ -37,37 +37,33 @@ class _State(Enum):
     FAILED = 4
 
 
+_LIVE = (_State.WAITING, _State.IN_FLIGHT, _State.SUCCEEDED)
+
+
 @dataclass(slots=True)
 class _Candidate:
     contact: Contact
     distance: int
     hops: int
+    path: int
     state: _State = _State.WAITING
     sent_at: float = 0.0
     had_value: bool = False
 
 
 class _Path:
-    __slots__ = ("candidates", "order")
+    __slots__ = ("in_flight", "order")
 
     def __init__(self) -> None:
-        self.candidates: dict[PeerId, _Candidate] = {}
-        self.order: list[tuple[int, PeerId]] = []
-
-    def add(self, candidate: _Candidate) -> None:
-        peer = candidate.contact.peer_id
-        self.candidates[peer] = candidate
-        bisect.insort(self.order, (candidate.distance, peer))
-
-    def in_flight(self) -> int:
-        return sum(1 for c in self.candidates.values() if c.state is _State.IN_FLIGHT)
+        self.order: list[tuple[int, _Candidate]] = []
+        """Candidates by distance (distances are unique: every candidate has its own ID)."""
+        self.in_flight = 0
 
     def nearest_live(self, k: int) -> list[_Candidate]:
         """The ``k`` nearest candidates that have neither failed nor stalled."""
         live: list[_Candidate] = []
-        for _, peer in self.order:
-            candidate = self.candidates[peer]
-            if candidate.state in (_State.WAITING, _State.IN_FLIGHT, _State.SUCCEEDED):
+        for _, candidate in self.order:
+            if candidate.state in _LIVE:
                 live.append(candidate)
                 if len(live) == k:
                     break
@@ -94,7 +90,7 @@ class Lookup:
         self.queries_sent = 0
         self._local = local
         self._paths = [_Path() for _ in range(limits.disjoint_paths)]
-        self._path_of: dict[PeerId, int] = {}
+        self._candidates: dict[PeerId, _Candidate] = {}
         self._groups: dict[str, int] = {}
         self._seen: set[int] = set()
         self._found = False
@@ -116,8 +112,17 @@ class Lookup:
         return True
 
     def _add(self, index: int, contact: Contact, hops: int) -> None:
-        self._path_of[contact.peer_id] = index
-        self._paths[index].add(_Candidate(contact, contact.node_id ^ self.target, hops))
+        candidate = _Candidate(contact, contact.node_id ^ self.target, hops, index)
+        self._candidates[contact.peer_id] = candidate
+        bisect.insort(self._paths[index].order, (candidate.distance, candidate))
+
+    def _set(self, candidate: _Candidate, state: _State) -> None:
+        path = self._paths[candidate.path]
+        if candidate.state is _State.IN_FLIGHT:
+            path.in_flight -= 1
+        if state is _State.IN_FLIGHT:
+            path.in_flight += 1
+        candidate.state = state
 
     @property
     def found(self) -> bool:
@@ -130,7 +135,7 @@ class Lookup:
             return []
         picks: list[Contact] = []
         for path in self._paths:
-            budget = self.limits.alpha - path.in_flight()
+            budget = self.limits.alpha - path.in_flight
             if budget <= 0:
                 continue
             for candidate in path.nearest_live(self.limits.k):
@@ -138,67 +143,55 @@ class Lookup:
                     break
                 if candidate.state is not _State.WAITING:
                     continue
-                candidate.state = _State.IN_FLIGHT
+                self._set(candidate, _State.IN_FLIGHT)
                 candidate.sent_at = now
                 picks.append(candidate.contact)
                 budget -= 1
         self.queries_sent += len(picks)
         return picks
 
-    def _candidate(self, peer: PeerId) -> tuple[_Path, _Candidate] | None:
-        index = self._path_of.get(peer)
-        if index is None:
+    def _awaited(self, peer: PeerId) -> _Candidate | None:
+        candidate = self._candidates.get(peer)
+        if candidate is None or candidate.state not in (_State.IN_FLIGHT, _State.STALLED):
             return None
-        path = self._paths[index]
-        candidate = path.candidates[peer]
-        if candidate.state not in (_State.IN_FLIGHT, _State.STALLED):
-            return None
-        return path, candidate
+        return candidate
 
     def on_reply(
         self, peer: PeerId, contacts: Iterable[Contact], now: float, *, found: bool = False
     ) -> None:
         """``peer`` answered with ``contacts`` (and, for FIND_VALUE, whether it had the value)."""
-        located = self._candidate(peer)
-        if located is None:
+        candidate = self._awaited(peer)
+        if candidate is None:
             return
-        _, candidate = located
-        candidate.state = _State.SUCCEEDED
+        self._set(candidate, _State.SUCCEEDED)
         if found and self.find_value:
             candidate.had_value = True
             self._found = True
-        index = self._path_of[peer]
         for contact in contacts:
             if self._admit(contact):
-                self._add(index, contact, candidate.hops + 1)
+                self._add(candidate.path, contact, candidate.hops + 1)
 
     def on_failure(self, peer: PeerId, now: float) -> None:
         """The request to ``peer`` failed (error, refusal or timeout)."""
-        located = self._candidate(peer)
-        if located is not None:
-            located[1].state = _State.FAILED
+        candidate = self._awaited(peer)
+        if candidate is not None:
+            self._set(candidate, _State.FAILED)
 
     def next_deadline(self) -> float | None:
         """When the oldest request in flight will count as stalled."""
-        sent = [
-            c.sent_at
-            for path in self._paths
-            for c in path.candidates.values()
-            if c.state is _State.IN_FLIGHT
-        ]
+        sent = [c.sent_at for c in self._candidates.values() if c.state is _State.IN_FLIGHT]
         return min(sent) + self.limits.lookup_stall_s if sent else None
 
     def handle_timer(self, now: float) -> None:
         """Mark requests older than ``lookup_stall_s`` as stalled (they free their slot)."""
         cutoff = now - self.limits.lookup_stall_s
-        for path in self._paths:
-            for candidate in path.candidates.values():
-                if candidate.state is _State.IN_FLIGHT and candidate.sent_at <= cutoff:
-                    candidate.state = _State.STALLED
+        for candidate in self._candidates.values():
+            if candidate.state is _State.IN_FLIGHT and candidate.sent_at <= cutoff:
+                self._set(candidate, _State.STALLED)
 
     def _path_done(self, path: _Path) -> bool:
         if self.find_value and self._found:
-            return path.in_flight() == 0
+            return path.in_flight == 0
         return all(c.state is _State.SUCCEEDED for c in path.nearest_live(self.limits.k))
 
     @property
@@ -209,18 +202,12 @@ class Lookup:
         """Peers queried that have not answered yet (in flight or stalled)."""
         return [
             peer
-            for path in self._paths
-            for peer, c in path.candidates.items()
+            for peer, c in self._candidates.items()
             if c.state in (_State.IN_FLIGHT, _State.STALLED)
         ]
 
     def _succeeded(self) -> list[_Candidate]:
-        found = [
-            c
-            for path in self._paths
-            for c in path.candidates.values()
-            if c.state is _State.SUCCEEDED
-        ]
+        found = [c for c in self._candidates.values() if c.state is _State.SUCCEEDED]
         found.sort(key=lambda c: c.distance)
         return found
 

@@ -12,6 +12,7 @@ malformed message never becomes another exception on our side.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,18 +100,10 @@ def _list(value: Any, what: str, limit: int) -> list[Any]:
     return list(value)
 
 
-def _addrs(value: Any, limits: DhtLimits) -> tuple[Multiaddr, ...]:
-    raw = _list(value, "address list", limits.max_addrs_per_peer)
-    try:
-        return tuple(Multiaddr.from_bytes(_bytes(a, "address", 1024)) for a in raw)
-    except MultiaddrError as exc:
-        raise DhtProtocolError(f"bad address: {exc}") from None
-
-
 def _entries(key: bytes, value: Any, limits: DhtLimits) -> tuple[Entry, ...]:
     entries = []
-    for fields in _list(value, "entries", limits.max_entries_per_message):
-        fields = _list(fields, "entry", 4)
+    for item in _list(value, "entries", limits.max_entries_per_message):
+        fields = _list(item, "entry", 4)
         if len(fields) != 4:
             raise DhtProtocolError("an entry is [sub-key, value, expiry, signature]")
         subkey, data, expiry, signature = fields
@@ -128,27 +121,6 @@ def _entries(key: bytes, value: Any, limits: DhtLimits) -> tuple[Entry, ...]:
             )
         )
     return tuple(entries)
-
-
-def decode_request(message: Any, limits: DhtLimits) -> tuple[Request, tuple[Multiaddr, ...] | None]:
-    """Parse a request map: the request and the sender's addresses (None for a client)."""
-    if not isinstance(message, dict):
-        raise DhtProtocolError(f"a DHT request is a map, got {type(message).__name__}")
-    op = message.get("op")
-    request: Request
-    if op == "ping":
-        request = Ping()
-    elif op == "find_node":
-        request = FindNode(id_from_bytes(message.get("id")))
-    elif op == "find_value":
-        request = FindValue(_bytes(message.get("key"), "key", limits.max_key_bytes))
-    elif op == "store":
-        key = _bytes(message.get("key"), "key", limits.max_key_bytes)
-        request = Store(key, _entries(key, message.get("entries"), limits))
-    else:
-        raise DhtProtocolError(f"unknown DHT operation {op!r}")
-    sender = message.get("from")
-    return request, None if sender is None else _addrs(sender, limits)
 
 
 def encode_reply(reply: Reply) -> dict[str, Any]:
@@ -173,27 +145,79 @@ def _code(value: Any) -> RefusalCode:
         raise DhtProtocolError(f"unknown refusal code {value!r}") from None
 
 
-def decode_reply(message: Any, limits: DhtLimits, *, key: bytes = b"") -> Reply:
-    """Parse a reply map; ``key`` is the key asked for (entries travel without it)."""
-    if not isinstance(message, dict):
-        raise DhtProtocolError(f"a DHT reply is a map, got {type(message).__name__}")
-    if "refused" in message:
-        text = message.get("message", "")
-        return Reply(refused=_code(message["refused"]), message=str(text)[:1024])
-    peers = []
-    for item in _list(message.get("peers", []), "peers", limits.max_entries_per_message)[
-        : limits.k
-    ]:
-        fields = _list(item, "peer", 2)
-        if len(fields) != 2:
-            raise DhtProtocolError("a peer is [peer id, addresses]")
+class Codec:
+    """Decodes requests and replies of one node, checking every type and bound.
+
+    Contacts recur in almost every reply, so parsed ones are kept in a bounded cache
+    keyed by their wire bytes: a known contact costs one dictionary lookup, not a
+    multiaddr parse and a SHA-256.
+    """
+
+    def __init__(self, limits: DhtLimits) -> None:
+        self.limits = limits
+        self._contacts: OrderedDict[tuple[Any, ...], Contact] = OrderedDict()
+
+    def contact(self, peer: Any, addrs: Any, ip: str | None = None) -> Contact:
+        """The contact for wire fields ``peer`` (PeerID bytes) and ``addrs`` (multiaddr bytes)."""
+        raw = tuple(_list(addrs, "address list", self.limits.max_addrs_per_peer))
+        cache_key = (peer, raw, ip)
         try:
-            peer_id = PeerId.from_bytes(_bytes(fields[0], "peer id", 128))
+            known = self._contacts.get(cache_key)
+        except TypeError:
+            raise DhtProtocolError("a peer's fields must be bytes") from None
+        if known is not None:
+            self._contacts.move_to_end(cache_key)
+            return known
+        try:
+            peer_id = PeerId.from_bytes(_bytes(peer, "peer id", 128))
+            parsed = tuple(Multiaddr.from_bytes(_bytes(a, "address", 1024)) for a in raw)
         except InvalidPeerId as exc:
             raise DhtProtocolError(f"bad peer id: {exc}") from None
-        peers.append(Contact(peer_id, _addrs(fields[1], limits)))
-    entries = _entries(key, message.get("entries", []), limits)
-    codes = tuple(
-        _code(c) for c in _list(message.get("codes", []), "codes", limits.max_entries_per_message)
-    )
-    return Reply(tuple(peers), entries, codes)
+        except MultiaddrError as exc:
+            raise DhtProtocolError(f"bad address: {exc}") from None
+        contact = self._contacts[cache_key] = Contact(peer_id, parsed, ip)
+        if len(self._contacts) > self.limits.contact_cache_size:
+            self._contacts.popitem(last=False)
+        return contact
+
+    def decode_request(self, message: Any) -> tuple[Request, Any]:
+        """Parse a request map: the request and the sender's raw addresses (None: a client).
+
+        The addresses are checked when the caller makes a contact of them (``contact``).
+        """
+        limits = self.limits
+        if not isinstance(message, dict):
+            raise DhtProtocolError(f"a DHT request is a map, got {type(message).__name__}")
+        op = message.get("op")
+        request: Request
+        if op == "ping":
+            request = Ping()
+        elif op == "find_node":
+            request = FindNode(id_from_bytes(message.get("id")))
+        elif op == "find_value":
+            request = FindValue(_bytes(message.get("key"), "key", limits.max_key_bytes))
+        elif op == "store":
+            key = _bytes(message.get("key"), "key", limits.max_key_bytes)
+            request = Store(key, _entries(key, message.get("entries"), limits))
+        else:
+            raise DhtProtocolError(f"unknown DHT operation {op!r}")
+        return request, message.get("from")
+
+    def decode_reply(self, message: Any, *, key: bytes = b"") -> Reply:
+        """Parse a reply map; ``key`` is the key asked for (entries travel without it)."""
+        limits = self.limits
+        if not isinstance(message, dict):
+            raise DhtProtocolError(f"a DHT reply is a map, got {type(message).__name__}")
+        if "refused" in message:
+            text = message.get("message", "")
+            return Reply(refused=_code(message["refused"]), message=str(text)[:1024])
+        peers = []
+        listed = _list(message.get("peers", []), "peers", limits.max_entries_per_message)
+        for item in listed[: limits.k]:
+            fields = _list(item, "peer", 2)
+            if len(fields) != 2:
+                raise DhtProtocolError("a peer is [peer id, addresses]")
+            peers.append(self.contact(fields[0], fields[1]))
+        entries = _entries(key, message.get("entries", []), limits)
+        codes = _list(message.get("codes", []), "codes", limits.max_entries_per_message)
+        return Reply(tuple(peers), entries, tuple(_code(c) for c in codes))

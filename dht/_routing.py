@@ -89,6 +89,11 @@ class RoutingTable:
     def bucket_sizes(self) -> dict[int, int]:
         return {i: len(b.contacts) for i, b in sorted(self._buckets.items()) if b.contacts}
 
+    def filled(self, target: int) -> bool:
+        """Whether the bucket ``target`` falls in holds ``refresh_min_contacts`` contacts."""
+        bucket = self._buckets.get(bucket_index(self.local_id, target))
+        return bucket is not None and len(bucket.contacts) >= self.limits.refresh_min_contacts
+
     def _group(self, contact: Contact) -> str | None:
         return ip_group(contact.ip, exempt_private=self.limits.exempt_private_addrs)
 
@@ -201,7 +206,11 @@ class RoutingTable:
     def closest(self, target: int, count: int, *, exclude: Iterable[PeerId] = ()) -> list[Contact]:
         """Up to ``count`` contacts nearest to ``target`` by XOR distance, nearest first."""
         skip = [node_id(peer) for peer in exclude]
-        nearest = heapq.nsmallest(count + len(skip), self._by_id, key=target.__xor__)
+        wanted = count + len(skip)
+        if len(self._by_id) > 8 * wanted:
+            nearest = heapq.nsmallest(wanted, self._by_id, key=target.__xor__)
+        else:
+            nearest = sorted(self._by_id, key=target.__xor__)[:wanted]
         return [self._by_id[i] for i in nearest if i not in skip][:count]
 
     def touch(self, target: int, now: float) -> None:
@@ -214,7 +223,8 @@ class RoutingTable:
         """Random IDs to look up, one per bucket not looked up within the refresh interval.
 
         Only buckets from the nearest non-empty one outwards count: the ones below it are
-        empty in any network of realistic size (the self-lookup covers that region).
+        empty in any network of realistic size (the self-lookup covers that region). A
+        refresh lookup may stop once its bucket is ``filled``.
         """
         occupied = [i for i, b in self._buckets.items() if b.contacts]
         if not occupied:

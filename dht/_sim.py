@@ -83,7 +83,7 @@ class SimNetwork:
             self._seen(peer, self.contacts[bootstrap])
         self.lookup(peer, node_id(peer))
         for target in table.refresh_targets(self.now, self.rng, force=True):
-            self.lookup(peer, target)
+            self.lookup(peer, target, until=lambda t=target: table.filled(t))
 
     def kill(self, peer: PeerId) -> None:
         """The node stops answering, without telling anyone."""
@@ -115,8 +115,18 @@ class SimNetwork:
         if update.ping is not None:
             self._ping(peer, update.ping)
 
-    def lookup(self, src: PeerId, target: int, *, key: bytes | None = None) -> SimResult:
-        """An iterative lookup from ``src``: FIND_VALUE ``key`` if given, else FIND_NODE."""
+    def lookup(
+        self,
+        src: PeerId,
+        target: int,
+        *,
+        key: bytes | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> SimResult:
+        """An iterative lookup from ``src``: FIND_VALUE ``key`` if given, else FIND_NODE.
+
+        ``until`` ends it early once true (checked after each round).
+        """
         core = self.cores[src]
         lookup = Lookup(
             target,
@@ -142,6 +152,8 @@ class SimNetwork:
                 valid = core.store.valid(reply.entries, self.now)
                 found.extend(valid)
                 lookup.on_reply(contact.peer_id, reply.peers, self.now, found=bool(valid))
+            if until is not None and until():
+                break
         core.table.touch(target, self.now)
         merged = tuple(self.validators.merge(found))
         return SimResult(merged, lookup.hops, lookup.queries_sent, lookup)

@@ -64,7 +64,8 @@ class CachePool:
         with self._lock:
             if self._sessions >= limits.max_sessions:
                 raise CacheFull(
-                    f"{self._sessions} sessions open, CacheLimits.max_sessions={limits.max_sessions}",
+                    f"{self._sessions} sessions open, "
+                    f"CacheLimits.max_sessions={limits.max_sessions}",
                     requested=nbytes,
                     available=self.free_bytes,
                 )
@@ -141,7 +142,7 @@ class SessionCache:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one block's new keys/values after ``length``; return all of them up to the new end."""
+        """Store one block's new keys/values after ``length``; return all up to the new end."""
         block = layer_idx - self._first_block
         start = self.length
         end = start + key_states.shape[-2]

@@ -76,7 +76,9 @@ class Checkpoint:
         try:
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         except (ValueError, OSError, KeyError) as e:
-            raise CheckpointError(f"{path / CONFIG_FILE} cannot be read as a model config: {e}") from e
+            raise CheckpointError(
+                f"{path / CONFIG_FILE} cannot be read as a model config: {e}"
+            ) from e
         return cls(path, config, _tensor_files(path))
 
     @property
@@ -134,5 +136,6 @@ def _tensor_files(path: Path) -> dict[str, str]:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{single} cannot be read: {e}") from e
     raise CheckpointError(
-        f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; Swarm reads safetensors checkpoints only"
+        f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
+        "Swarm reads safetensors checkpoints only"
     )

@@ -25,7 +25,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise ValueError(f"dtype {dtype} has no name here; use one of {', '.join(DTYPES)}") from None
+        raise ValueError(
+            f"dtype {dtype} has no name here; use one of {', '.join(DTYPES)}"
+        ) from None
 
 
 def compute_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

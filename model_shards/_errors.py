@@ -2,9 +2,8 @@
 
     ShardError
     ├── UnknownModelFamily      config.model_type has no adapter in ``model_shards.families``
-    ├── CheckpointError         checkpoint files missing, unreadable, incomplete or not cached locally
+    ├── CheckpointError         checkpoint missing, unreadable, incomplete or not cached locally
     │   └── ManifestMismatch    weights read from disk differ from the model's manifest
-    ├── QuantizationError       the requested quantization cannot run here (bitsandbytes missing)
     ├── CacheFull               the cache pool has no room for another session (bytes or count)
     ├── SessionClosed           a step on an inference session that was closed
     └── BadRequest              the caller's input is wrong (on a server: the remote's fault)
@@ -62,12 +61,6 @@ class ManifestMismatch(CheckpointError):
         self.what = what
         self.expected = expected
         self.actual = actual
-
-
-class QuantizationError(ShardError):
-    """The requested quantization is not available on this machine."""
-
-    code = "quantization_error"
 
 
 class CacheFull(ShardError):

@@ -117,7 +117,9 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
 def config_hash(config_json: Mapping[str, Any]) -> str:
     """sha256 (hex) of ``config.json`` as written, less the keys that do not change the model."""
     kept = {k: v for k, v in config_json.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def block_names(checkpoint: Checkpoint, family: ModelFamily, index: int) -> list[str]:
@@ -190,7 +192,9 @@ def load_manifest(
         pass
     manifest = compute_manifest(checkpoint, short_name=short_name, progress=progress)
     try:
-        path.write_text(json.dumps({"files": fingerprint, "manifest": manifest.to_dict()}, indent=1))
+        path.write_text(
+            json.dumps({"files": fingerprint, "manifest": manifest.to_dict()}, indent=1)
+        )
     except OSError as e:
         logger.warning("manifest of %s not cached at %s: %s", checkpoint.path, path, e)
     return manifest

@@ -9,10 +9,21 @@ Both paths run on CPU with bitsandbytes >= 0.45 as well as on CUDA.
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
 
 import torch
 from torch import nn
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs this at every int8 matmul of a non-float16 input: a notice, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_CAST_FILTER = _DropInt8CastNotice()
 
 
 class Quantization(StrEnum):
@@ -49,6 +60,8 @@ def quantize_linears(
         return module
     import bitsandbytes as bnb
 
+    if quantization is Quantization.INT8:
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_FILTER)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -78,5 +91,6 @@ def quantize_linears(
                 new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
             if has_bias:
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            new.train(child.training)
             setattr(parent, name, new.to(weight.device))
     return module

@@ -1,0 +1,87 @@
+"""The embeddable peer-to-peer node: ``Host``, its RPC, peer store, limits and errors.
+
+Imports without torch or numpy: an application embeds ``p2p`` with the core
+dependencies alone (cryptography, msgpack, aioquic).
+"""
+
+from ._bootstrap import BootstrapResult
+from ._connmgr import ConnectionRecord
+from ._errors import (
+    BootstrapError,
+    ConnectionLost,
+    DialFailed,
+    LimitExceeded,
+    P2PError,
+    P2PTimeout,
+    PeerIdMismatch,
+    PeerProtocolError,
+    PeerUnreachable,
+    ProtocolNegotiationFailed,
+    ProtocolNotSupported,
+    RemoteError,
+    RpcCancelled,
+    RpcCode,
+    RpcError,
+    RpcTimeout,
+    StreamFailed,
+)
+from ._host import AGENT_VERSION, Host
+from ._identify import PROTOCOL_ID as IDENTIFY_PROTOCOL_ID
+from ._identify import IdentifyInfo
+from ._limits import (
+    BootstrapLimits,
+    ConnectionLimits,
+    HostLimits,
+    IdentifyLimits,
+    PeerStoreLimits,
+    RpcLimits,
+)
+from ._peerstore import PeerInfo, PeerStore
+from ._ping import PROTOCOL_ID as PING_PROTOCOL_ID
+from ._rpc import RpcContext, RpcReply, RpcStream
+from ._stream import HostStream
+
+__all__ = [
+    "AGENT_VERSION",
+    "IDENTIFY_PROTOCOL_ID",
+    "PING_PROTOCOL_ID",
+    "BootstrapError",
+    "BootstrapLimits",
+    "BootstrapResult",
+    "ConnectionLimits",
+    "ConnectionLost",
+    "ConnectionRecord",
+    "DialFailed",
+    "Host",
+    "HostLimits",
+    "HostStream",
+    "IdentifyInfo",
+    "IdentifyLimits",
+    "LimitExceeded",
+    "P2PError",
+    "P2PTimeout",
+    "PeerIdMismatch",
+    "PeerInfo",
+    "PeerProtocolError",
+    "PeerStore",
+    "PeerStoreLimits",
+    "PeerUnreachable",
+    "ProtocolNegotiationFailed",
+    "ProtocolNotSupported",
+    "RemoteError",
+    "RpcCancelled",
+    "RpcCode",
+    "RpcContext",
+    "RpcError",
+    "RpcLimits",
+    "RpcReply",
+    "RpcStream",
+    "RpcTimeout",
+    "StreamFailed",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

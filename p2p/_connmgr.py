@@ -58,7 +58,13 @@ class ConnectionManager:
 
     def get(self, peer: PeerId) -> ConnectionRecord | None:
         """The connection to reuse for ``peer``: its oldest open one."""
-        for record in self._by_peer.get(peer, ()):
+        records = self._by_peer.get(peer)
+        if not records:
+            return None
+        first = records[0]
+        if not first.closing and not first.conn.is_closed:
+            return first
+        for record in records:
             if not record.closing and not record.conn.is_closed:
                 return record
         return None

@@ -5,13 +5,15 @@
     │   └── PeerIdMismatch          the remote proved a different PeerID than expected
     ├── PeerUnreachable             no address of a peer worked (lists each attempt)
     ├── ConnectionLost              the connection to the peer closed while in use
+    ├── StreamFailed                a stream was reset or ended early (outside RPC)
     ├── ProtocolNegotiationFailed   multistream-select found no protocol both sides speak
     │   └── ProtocolNotSupported    the peer refused every protocol proposed
     ├── PeerProtocolError           the peer broke a wire protocol (feeds its reputation)
     ├── RpcError                    an RPC failed with a code; handlers raise it to answer one
     │   ├── RemoteError             the remote answered the call with an error
-    │   ├── RpcTimeout              the call's deadline passed (also a ``TimeoutError``)
+    │   ├── RpcTimeout              the call's deadline passed (also a ``P2PTimeout``)
     │   └── RpcCancelled            the other side reset (cancelled) the call
+    ├── P2PTimeout                  an operation took longer than its limit (a ``TimeoutError``)
     ├── LimitExceeded               a configured bound (``*Limits``) would be crossed
     └── BootstrapError              no bootstrap address could be joined (lists each failure)
 
@@ -23,6 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
+
+from transport._errors import ConnectionClosed, RemoteProtocolError, TransportError
+from transport._errors import LimitExceeded as TransportLimitExceeded
 
 
 class RpcCode(StrEnum):
@@ -81,6 +86,14 @@ class ConnectionLost(P2PError):
     """The connection to the peer closed while a stream or call was using it."""
 
 
+class StreamFailed(P2PError):
+    """A stream was reset or ended before its exchange completed; the connection may live on."""
+
+
+class P2PTimeout(P2PError, TimeoutError):
+    """An operation took longer than the limit that bounds it."""
+
+
 class ProtocolNegotiationFailed(P2PError):
     """multistream-select ended without agreeing on a protocol."""
 
@@ -114,7 +127,7 @@ class RemoteError(RpcError):
         self.peer = peer
 
 
-class RpcTimeout(RpcError, TimeoutError):
+class RpcTimeout(RpcError, P2PTimeout):
     """The call's deadline passed before it completed."""
 
     def __init__(self, message: str) -> None:
@@ -147,3 +160,14 @@ class BootstrapError(P2PError):
             "check that the addresses are right and reachable from this machine"
         )
         self.failures = tuple(failures)
+
+
+def from_transport(exc: TransportError, what: str) -> P2PError:
+    """The p2p error a transport failure while doing ``what`` amounts to."""
+    if isinstance(exc, ConnectionClosed):
+        return ConnectionLost(f"{what}: the connection closed ({exc})")
+    if isinstance(exc, TransportLimitExceeded):
+        return LimitExceeded(f"{what}: {exc}", value=exc.value, limit=exc.limit)
+    if isinstance(exc, RemoteProtocolError):
+        return PeerProtocolError(f"{what}: {exc}")
+    return StreamFailed(f"{what}: {exc}")

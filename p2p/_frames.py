@@ -77,6 +77,7 @@ class FrameRejected:
 
 
 FrameEvent = MessageFrame | CallOpened | ErrorFrame | FrameRejected
+_EMPTY = memoryview(b"")
 
 
 def format_bytes(count: int) -> str:
@@ -87,15 +88,20 @@ def format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def _check_size(size: int, max_frame_bytes: int) -> None:
-    if size > max_frame_bytes:
-        raise LimitExceeded(
-            f"RPC frame of {format_bytes(size)} to send exceeds "
-            f"RpcLimits.max_frame_bytes={format_bytes(max_frame_bytes)}; "
-            "send the data in several messages or raise the limit on both sides",
-            value=size,
-            limit=max_frame_bytes,
-        )
+def _too_large(size: int, max_frame_bytes: int) -> LimitExceeded:
+    return LimitExceeded(
+        f"RPC frame of {format_bytes(size)} to send exceeds "
+        f"RpcLimits.max_frame_bytes={format_bytes(max_frame_bytes)}; "
+        "send the data in several messages or raise the limit on both sides",
+        value=size,
+        limit=max_frame_bytes,
+    )
+
+
+def _prefix(header_len: int, payload_len: int) -> bytes:
+    if header_len < 0x80 and payload_len < 0x80:
+        return bytes((header_len, payload_len))
+    return encode_uvarint(header_len) + encode_uvarint(payload_len)
 
 
 def encode_message(
@@ -113,8 +119,9 @@ def encode_message(
         header["d"] = deadline_s
     packed = msgpack.packb(header)
     size = len(packed) + (payload_len or 0)
-    _check_size(size, max_frame_bytes)
-    return encode_uvarint(len(packed)) + encode_uvarint(payload_len or 0) + packed
+    if size > max_frame_bytes:
+        raise _too_large(size, max_frame_bytes)
+    return _prefix(len(packed), payload_len or 0) + packed
 
 
 def encode_open(deadline_s: float | None) -> bytes:
@@ -123,41 +130,40 @@ def encode_open(deadline_s: float | None) -> bytes:
     if deadline_s is not None:
         header["d"] = deadline_s
     packed = msgpack.packb(header)
-    return encode_uvarint(len(packed)) + b"\x00" + packed
+    return _prefix(len(packed), 0) + packed
 
 
 def encode_error(code: str, message: str) -> bytes:
     """An error frame (no size check: error messages are short)."""
     packed = msgpack.packb({"e": str(code), "m": message})
-    return encode_uvarint(len(packed)) + b"\x00" + packed
+    return _prefix(len(packed), 0) + packed
 
 
-def _interpret(header: Any, payload: memoryview | None, has_payload_bytes: bool) -> FrameEvent:
-    if not isinstance(header, dict):
+def _interpret(header: Any, payload: memoryview, has_payload_bytes: bool) -> FrameEvent:
+    if type(header) is not dict:
         return FrameRejected(f"header is a msgpack {type(header).__name__}, not a map")
-    code = header.get("e")
-    if code is not None:
-        message = header.get("m", "")
-        if not isinstance(code, str) or not isinstance(message, str):
+    if "e" in header:
+        code, message = header["e"], header.get("m", "")
+        if type(code) is not str or type(message) is not str:
             return FrameRejected("error frame code and message must be strings")
         if has_payload_bytes:
             return FrameRejected("error frame carries a payload")
         return ErrorFrame(code, message)
-    flagged = header.get("p", False) is True
-    if has_payload_bytes and not flagged:
-        return FrameRejected("payload bytes follow a header without the payload flag")
     deadline = header.get("d")
     if deadline is not None and (
-        not isinstance(deadline, int | float)
-        or isinstance(deadline, bool)
-        or not math.isfinite(deadline)
+        (type(deadline) is not float and type(deadline) is not int) or not math.isfinite(deadline)
     ):
         return FrameRejected(f"deadline {deadline!r} is not a finite number of seconds")
-    if header.get("o", False) is True:
+    flagged = header.get("p") is True
+    if header.get("o") is True:
         if flagged:
             return FrameRejected("the frame opening a call carries a payload")
         return CallOpened(deadline)
-    return MessageFrame(header.get("v"), payload if flagged else None, deadline)
+    if not flagged:
+        if has_payload_bytes:
+            return FrameRejected("payload bytes follow a header without the payload flag")
+        return MessageFrame(header.get("v"), None, deadline)
+    return MessageFrame(header.get("v"), payload, deadline)
 
 
 class FrameDecoder:
@@ -213,23 +219,26 @@ class FrameDecoder:
 
     def _parse_head(self, buf: bytes | bytearray | memoryview, events: list[FrameEvent]) -> int:
         """Parse prefix and header at the start of ``buf``; bytes consumed, 0 if incomplete."""
-        try:
-            first = decode_uvarint(buf)
-            if first is None:
+        if len(buf) > 1 and buf[0] < 0x80 and buf[1] < 0x80:
+            header_len, payload_len, start = buf[0], buf[1], 2
+        else:
+            try:
+                first = decode_uvarint(buf)
+                if first is None:
+                    return 0
+                header_len, used = first
+                second = decode_uvarint(buf, used)
+            except RemoteProtocolError as exc:
+                return self._reject(events, FrameRejected(str(exc)))
+            if second is None:
                 return 0
-            header_len, used = first
-            second = decode_uvarint(buf, used)
-        except RemoteProtocolError as exc:
-            return self._reject(events, FrameRejected(str(exc)))
-        if second is None:
-            return 0
-        payload_len, used2 = second
+            payload_len, used2 = second
+            start = used + used2
         if header_len + payload_len > self._limit:
             return self._reject(
                 events,
                 FrameRejected("oversized", size=header_len + payload_len, limit=self._limit),
             )
-        start = used + used2
         end = start + header_len
         if len(buf) < end:
             return 0
@@ -241,7 +250,7 @@ class FrameDecoder:
             self._header = header
             self._need = payload_len
             return end
-        event = _interpret(header, memoryview(b""), False)
+        event = _interpret(header, _EMPTY, False)
         if isinstance(event, FrameRejected):
             return self._reject(events, event)
         events.append(event)

@@ -14,14 +14,17 @@ import asyncio
 from dataclasses import dataclass
 
 from transport._base import Stream
-from transport._errors import HandshakeError, StreamClosed
+from transport._errors import HandshakeError, RemoteProtocolError, StreamClosed
 from transport._limits import MultistreamLimits
 from transport._multistream import (
+    PROTOCOL_ID,
     MultistreamDialer,
     MultistreamListener,
     NegotiationFailed,
     ProtocolSelected,
+    encode_message,
 )
+from transport._varint import decode_uvarint
 
 from ._errors import PeerProtocolError, ProtocolNotSupported
 
@@ -37,35 +40,87 @@ class Inbound:
     """What the dialer sent after its proposal: the start of the protocol's data."""
 
 
+_HEADER = encode_message(PROTOCOL_ID, limits=MultistreamLimits())
+
+
+def _accept_at_once(
+    chunk: bytes, supported: frozenset[str], limits: MultistreamLimits
+) -> Inbound | None:
+    """The common case in one step: ``chunk`` opens with the header and a supported proposal.
+
+    The answer is then those very bytes (header, echo). Anything else returns None and
+    goes through the full listener core.
+    """
+    if not chunk.startswith(_HEADER):
+        return None
+    start = len(_HEADER)
+    try:
+        decoded = decode_uvarint(chunk, start)
+    except RemoteProtocolError:
+        return None
+    if decoded is None:
+        return None
+    length, used = decoded
+    end = start + used + length
+    if length > limits.max_message_bytes or len(chunk) < end or chunk[end - 1] != 0x0A:
+        return None
+    try:
+        protocol = chunk[start + used : end - 1].decode()
+    except UnicodeDecodeError:
+        return None
+    if protocol not in supported:
+        return None
+    return Inbound(protocol, chunk[:end], chunk[end:])
+
+
+async def _negotiate(
+    stream: Stream, first: bytes, supported: frozenset[str], limits: MultistreamLimits
+) -> Inbound:
+    core = MultistreamListener(supported, limits=limits)
+    core.feed(first)
+    while core.outcome is None:
+        out = core.pop_output()
+        if out:
+            await stream.write(out)
+        chunk = await stream.read()
+        if not chunk:
+            raise StreamClosed("the dialer closed the stream during negotiation")
+        core.feed(chunk)
+    outcome = core.outcome
+    if isinstance(outcome, NegotiationFailed):
+        refusals = core.pop_output()
+        if refusals:
+            await stream.write(refusals)
+        raise PeerProtocolError(f"multistream negotiation failed: {outcome.error}")
+    return Inbound(outcome.protocol, core.pop_output(), core.leftover)
+
+
 async def negotiate_inbound(
     stream: Stream, supported: frozenset[str], limits: MultistreamLimits
 ) -> Inbound:
     """Answer the dialer's proposals until it proposes one of ``supported``.
 
     Raises ``PeerProtocolError`` for a malformed negotiation (or too many refused
-    proposals), ``TimeoutError`` after ``MultistreamLimits.timeout_s``; transport errors
-    pass through.
+    proposals), after writing the refusals made so far: a lazy dialer whose data
+    followed an unsupported proposal learns of the refusal that way. Raises
+    A negotiation longer than ``MultistreamLimits.timeout_s`` has its stream reset (a
+    ``StreamReset`` raised here). Transport errors pass through.
     """
-    core = MultistreamListener(supported, limits=limits)
-    async with asyncio.timeout(limits.timeout_s):
-        while core.outcome is None:
-            chunk = await stream.read()
-            if not chunk:
-                raise StreamClosed("the dialer closed the stream during negotiation")
-            core.feed(chunk)
-            if core.outcome is None:
-                out = core.pop_output()
-                if out:
-                    await stream.write(out)
-    outcome = core.outcome
-    if isinstance(outcome, NegotiationFailed):
-        raise PeerProtocolError(f"multistream negotiation failed: {outcome.error}")
-    assert isinstance(outcome, ProtocolSelected)
-    answer = core.pop_output()
-    if not core.leftover:
-        await stream.write(answer)
-        answer = b""
-    return Inbound(outcome.protocol, answer, core.leftover)
+    loop = asyncio.get_running_loop()
+    guard = loop.call_at(loop.time() + limits.timeout_s, stream.reset)
+    try:
+        first = await stream.read()
+        if not first:
+            raise StreamClosed("the dialer closed the stream during negotiation")
+        inbound = _accept_at_once(first, supported, limits)
+        if inbound is None:
+            inbound = await _negotiate(stream, first, supported, limits)
+    finally:
+        guard.cancel()
+    if inbound.leftover:
+        return inbound
+    await stream.write(inbound.answer)
+    return Inbound(inbound.protocol, b"", b"")
 
 
 def lazy_prefix(protocol: str, limits: MultistreamLimits) -> bytes:

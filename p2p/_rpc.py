@@ -26,14 +26,12 @@ from typing import Any
 
 from security import PeerId
 from transport._base import Stream
-from transport._errors import ConnectionClosed, StreamReset, TransportError
-from transport._errors import LimitExceeded as TransportLimitExceeded
+from transport._errors import StreamReset, TransportError
 from transport._limits import KIB, MultistreamLimits
 
 from ._connmgr import ConnectionRecord
 from ._errors import (
     ConnectionLost,
-    LimitExceeded,
     P2PError,
     PeerProtocolError,
     RemoteError,
@@ -41,6 +39,7 @@ from ._errors import (
     RpcCode,
     RpcError,
     RpcTimeout,
+    from_transport,
 )
 from ._frames import (
     CallOpened,
@@ -109,11 +108,7 @@ def _failure(exc: TransportError, peer: PeerId, protocol: str) -> P2PError:
     """The p2p error a transport failure during a call means."""
     if isinstance(exc, StreamReset):
         return RpcCancelled(f"{peer} reset the {protocol} call")
-    if isinstance(exc, ConnectionClosed):
-        return ConnectionLost(f"the connection to {peer} closed during a {protocol} call")
-    if isinstance(exc, TransportLimitExceeded):
-        return LimitExceeded(str(exc), value=exc.value, limit=exc.limit)
-    return ConnectionLost(f"{protocol} call to {peer} failed: {exc}")
+    return from_transport(exc, f"{protocol} call to {peer}")
 
 
 def _remote_error(event: ErrorFrame, peer: PeerId) -> RpcError:
@@ -277,6 +272,7 @@ class RpcStream:
 
     def cancel(self) -> None:
         """Abort the call both ways; the remote handler is cancelled."""
+        self._sent_all = self._received_all = True
         self._stream.reset()
         self._release()
 
@@ -369,10 +365,14 @@ class RpcClient:
             stream = await self._open(record, protocol)
             try:
                 await _write_frame(stream, prefix + head, view)
-                incoming = _Incoming(
-                    stream, prefix, protocol, self._negotiation, self._limits.max_frame_bytes
-                )
-                event = await incoming.next()
+                data = await confirm_lazy(stream, prefix, protocol, self._negotiation)
+                decoder = FrameDecoder(self._limits.max_frame_bytes)
+                events = decoder.feed(data) if data else []
+                while not events:
+                    chunk = await stream.read()
+                    if not chunk:
+                        break
+                    events = decoder.feed(chunk)
             except BaseException as exc:
                 stream.reset()
                 if isinstance(exc, TransportError):
@@ -381,6 +381,7 @@ class RpcClient:
             finally:
                 record.stream_closed(loop.time())
             await stream.close()
+        event = events[0] if events else None
         if isinstance(event, MessageFrame):
             return RpcReply(event.value, event.payload)
         if isinstance(event, ErrorFrame):
@@ -437,11 +438,24 @@ StreamHandler = Callable[[RpcContext, RpcStream], Awaitable[None]]
 class _Watch:
     """Reads a served call's input while its handler runs; trips the handler on trouble.
 
-    Tripping cancels the handler's task: a reset or lost connection (``violation`` None)
-    or input breaking the protocol (``violation`` says how).
+    Tripping cancels the handler's task: on a reset or lost connection, at the call's
+    deadline (``expired``), or on input breaking the protocol (``violation`` says how).
     """
 
-    __slots__ = ("decoder", "initial", "peer", "queue", "stream", "task", "tripped", "violation")
+    __slots__ = (
+        "deadline",
+        "decoder",
+        "expired",
+        "initial",
+        "peer",
+        "queue",
+        "reader",
+        "stream",
+        "task",
+        "timer",
+        "tripped",
+        "violation",
+    )
 
     def __init__(
         self,
@@ -451,6 +465,7 @@ class _Watch:
         queue: asyncio.Queue[MessageFrame | None] | None,
         peer: PeerId,
         task: asyncio.Task[Any],
+        deadline: float | None,
     ) -> None:
         self.stream = stream
         self.decoder = decoder
@@ -458,8 +473,25 @@ class _Watch:
         self.queue = queue
         self.peer = peer
         self.task = task
+        self.deadline = deadline
+        self.reader: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.tripped = False
+        self.expired = False
         self.violation: str | None = None
+
+    def start(self) -> None:
+        """Start reading and arm the deadline; a handler that never suspends skips both."""
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self.run())
+        if self.deadline is not None:
+            self.timer = loop.call_at(self.deadline, self.expire)
+
+    def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
 
     async def run(self) -> None:
         events = self.initial
@@ -480,7 +512,13 @@ class _Watch:
         except TransportError:
             self._trip(None)
 
+    def expire(self) -> None:
+        self.expired = True
+        self._trip(None)
+
     def _trip(self, event: FrameEvent | None) -> None:
+        if self.tripped:
+            return
         if isinstance(event, FrameRejected):
             self.violation = event.describe(self.peer)
         elif isinstance(event, MessageFrame | CallOpened):
@@ -507,14 +545,14 @@ class RpcServer:
 
     async def serve(
         self,
-        stream: Stream,
-        peer: PeerId,
-        inbound: Inbound,
         handler: UnaryHandler | StreamHandler,
-        *,
         streaming: bool,
+        stream: Stream,
+        record: ConnectionRecord,
+        inbound: Inbound,
     ) -> None:
         """Serve one call on ``stream`` (negotiated already); never raises for the peer's input."""
+        peer = record.peer
         active = self._active.get(peer, 0)
         limit = self._limits.max_concurrent_calls_per_peer
         if active >= limit:
@@ -539,10 +577,9 @@ class RpcServer:
             else:
                 del self._active[peer]
 
-    async def _first_events(
-        self, stream: Stream, decoder: FrameDecoder, leftover: bytes
-    ) -> list[FrameEvent]:
-        events = decoder.feed(leftover) if leftover else []
+    async def _read_request(self, stream: Stream, decoder: FrameDecoder) -> list[FrameEvent]:
+        """The call's first frame(s) when the negotiation did not bring them along."""
+        events: list[FrameEvent] = []
         async with asyncio.timeout(self._limits.request_read_timeout_s):
             while not events:
                 chunk = await stream.read()
@@ -561,17 +598,19 @@ class RpcServer:
     ) -> None:
         protocol = inbound.protocol
         decoder = FrameDecoder(self._limits.max_frame_bytes)
-        try:
-            events = await self._first_events(stream, decoder, inbound.leftover)
-        except TimeoutError:
-            await _send_error(
-                stream,
-                inbound.answer,
-                RpcCode.DEADLINE_EXCEEDED,
-                "no request within RpcLimits.request_read_timeout_s="
-                f"{self._limits.request_read_timeout_s:g}",
-            )
-            return
+        events = decoder.feed(inbound.leftover) if inbound.leftover else []
+        if not events:
+            try:
+                events = await self._read_request(stream, decoder)
+            except TimeoutError:
+                await _send_error(
+                    stream,
+                    inbound.answer,
+                    RpcCode.DEADLINE_EXCEEDED,
+                    "no request within RpcLimits.request_read_timeout_s="
+                    f"{self._limits.request_read_timeout_s:g}",
+                )
+                return
         if not events:
             await stream.close()
             return
@@ -608,34 +647,43 @@ class RpcServer:
             work = handler(ctx, call)
         else:
             assert isinstance(first, MessageFrame)
+            if rest:
+                message = f"unexpected frame from {peer} after the request of a unary call"
+                await _send_error(stream, inbound.answer, RpcCode.BAD_FRAME, message)
+                return
             work = handler(ctx, first.value, first.payload)
-        watch = _Watch(stream, decoder, rest, queue, peer, task)
-        watcher = loop.create_task(watch.run())
-        timeout = asyncio.timeout_at(deadline)
+        watch = _Watch(stream, decoder, rest, queue, peer, task, deadline)
+        starting = None if streaming else loop.call_soon(watch.start)
+        if starting is None:
+            watch.start()
         result: Any = None
         failure: Exception | None = None
         try:
-            async with timeout:
-                result = await work
+            result = await work
         except asyncio.CancelledError:
             if not watch.tripped:
                 raise
         except Exception as exc:
             failure = exc
         finally:
-            watcher.cancel()
+            if starting is not None:
+                starting.cancel()
+            watch.stop()
+        answer = inbound.answer if call is None else call._answer
         if watch.tripped:
             if task.uncancel():
                 raise asyncio.CancelledError
-            if watch.violation is None:
+            if watch.expired:
+                message = f"{protocol} handler passed the call's deadline"
+                await _send_error(stream, answer, RpcCode.DEADLINE_EXCEEDED, message)
+            elif watch.violation is None:
                 stream.reset()
             else:
                 _log.debug("%s call from %s: %s", protocol, peer, watch.violation)
-                await _send_error(stream, inbound.answer, RpcCode.BAD_FRAME, watch.violation)
+                await _send_error(stream, answer, RpcCode.BAD_FRAME, watch.violation)
             return
-        answer = inbound.answer if call is None else call._answer
         if failure is not None:
-            code, message = self._describe_failure(failure, timeout, protocol, peer)
+            code, message = self._describe_failure(failure, protocol, peer)
             await _send_error(stream, answer, code, message)
             return
         if call is not None:
@@ -645,11 +693,7 @@ class RpcServer:
             return
         await self._reply(stream, answer, result, protocol, peer)
 
-    def _describe_failure(
-        self, exc: Exception, timeout: asyncio.Timeout, protocol: str, peer: PeerId
-    ) -> tuple[str, str]:
-        if isinstance(exc, TimeoutError) and timeout.expired():
-            return RpcCode.DEADLINE_EXCEEDED, f"{protocol} handler passed the call's deadline"
+    def _describe_failure(self, exc: Exception, protocol: str, peer: PeerId) -> tuple[str, str]:
         if isinstance(exc, RpcError):
             return exc.code, exc.message
         if isinstance(exc, ConnectionLost | PeerProtocolError):

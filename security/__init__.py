@@ -1,5 +1,8 @@
 """Identities, signatures and proofs for Swarm peers. Imports without torch or numpy."""
 
+import inspect
+
+from ._base58 import b58decode, b58encode
 from ._envelope import MAX_ENVELOPE_BYTES, SequenceTracker, SignedEnvelope
 from ._errors import (
     EnvelopeError,
@@ -39,6 +42,8 @@ __all__ = [
     "SequenceTracker",
     "SignedEnvelope",
     "TlsCertificate",
+    "b58decode",
+    "b58encode",
     "make_tls_certificate",
     "peer_id_from_certificate",
     "solve_pow",
@@ -48,5 +53,5 @@ __all__ = [
 
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
+    if isinstance(_obj, type) or inspect.isfunction(_obj):
         _obj.__module__ = __name__

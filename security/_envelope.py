@@ -79,11 +79,13 @@ class SignedEnvelope:
         if not (
             isinstance(domain, str)
             and isinstance(payload_type, bytes)
-            and isinstance(seq, int)
+            and type(seq) is int
             and isinstance(payload, bytes)
             and isinstance(signature, bytes)
         ):
             raise EnvelopeError("malformed envelope: a field has the wrong type")
+        if not 0 <= seq < 2**64:
+            raise EnvelopeError(f"malformed envelope: sequence number {seq} is outside 0..2**64-1")
         return envelope
 
 

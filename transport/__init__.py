@@ -1,0 +1,79 @@
+"""Authenticated, multiplexed connections: QUIC, TCP (TLS 1.3 + yamux), in-memory.
+
+Imports without torch or numpy. Every transport implements the contracts of
+``transport._base`` and passes one conformance suite.
+"""
+
+import inspect
+
+from ._base import ByteStream, Connection, ConnectionHandler, Listener, Stream, Transport
+from ._errors import (
+    ConnectionClosed,
+    DialError,
+    HandshakeError,
+    LimitExceeded,
+    MultiaddrError,
+    PeerIdMismatch,
+    RemoteProtocolError,
+    StreamClosed,
+    StreamError,
+    StreamReset,
+    TransportError,
+)
+from ._limits import (
+    MemoryLimits,
+    MultistreamLimits,
+    QuicLimits,
+    TcpLimits,
+    TransportLimits,
+    YamuxLimits,
+)
+from ._memory import DEFAULT_HUB, MemoryHub, MemoryTransport
+from ._multiaddr import Multiaddr
+from ._multistream import handle_protocols, select_protocol
+from ._quic import QuicTransport
+from ._tcp import TcpTransport
+
+__all__ = [
+    # contracts
+    "ByteStream",
+    "Connection",
+    "ConnectionHandler",
+    "Listener",
+    "Stream",
+    "Transport",
+    # implementations
+    "DEFAULT_HUB",
+    "MemoryHub",
+    "MemoryTransport",
+    "QuicTransport",
+    "TcpTransport",
+    # addresses and negotiation
+    "Multiaddr",
+    "handle_protocols",
+    "select_protocol",
+    # limits
+    "MemoryLimits",
+    "MultistreamLimits",
+    "QuicLimits",
+    "TcpLimits",
+    "TransportLimits",
+    "YamuxLimits",
+    # errors
+    "ConnectionClosed",
+    "DialError",
+    "HandshakeError",
+    "LimitExceeded",
+    "MultiaddrError",
+    "PeerIdMismatch",
+    "RemoteProtocolError",
+    "StreamClosed",
+    "StreamError",
+    "StreamReset",
+    "TransportError",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or inspect.isfunction(_obj):
+        _obj.__module__ = __name__

@@ -30,7 +30,7 @@ class YamuxLimits:
     max_streams: int = 1024
     max_pending_accept: int = 256
     keepalive_s: float = 20.0
-    read_chunk_bytes: int = 256 * KIB
+    read_chunk_bytes: int = 1 * MIB
     close_timeout_s: float = 5.0
 
 

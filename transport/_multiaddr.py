@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from security import InvalidPeerId, PeerId
-from security._base58 import b58decode, b58encode
+from security import b58decode, b58encode
 
 from ._errors import MultiaddrError, RemoteProtocolError
 from ._varint import decode_uvarint, encode_uvarint

@@ -13,8 +13,12 @@ Sockets: listening and dialing share one UDP socket per address family
   ephemeral port (``0.0.0.0:0`` or ``[::]:0``); it only ever sends to the addresses
   dialed. A later ``listen`` on that wildcard with port 0 (or the same port) reuses it,
   any other ``listen`` binds its own socket, which later dials then prefer;
-- closing a listener refuses new connections on its socket (CONNECTION_REFUSED) and
-  closes the socket once its last connection is gone.
+- a socket without a listener answers new connections with CONNECTION_REFUSED (the
+  dialer fails at once); closing a listener does that, then closes the socket once its
+  last connection is gone.
+
+Hole punching sends raw datagrams from the same socket: ``send_datagram`` and
+``udp_socket`` (the first listener's socket).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aioquic.quic.packet import QuicHeader
 from security import KeyPair, PeerId, make_tls_certificate
 
 from ._base import ConnectionHandler
-from ._errors import DialError, MultiaddrError, TransportError
+from ._errors import ConnectionClosed, DialError, MultiaddrError, TransportError
 from ._limits import QuicLimits
 from ._multiaddr import Multiaddr
 from ._quic_conn import QuicConnection, QuicStream
@@ -42,6 +46,7 @@ __all__ = ["QuicConnection", "QuicListener", "QuicStream", "QuicTransport"]
 _log = logging.getLogger(__name__)
 
 _FAMILIES = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
+_IP_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _WILDCARDS = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
@@ -68,7 +73,7 @@ class QuicListener:
         self._endpoint = endpoint
         self._handler = handler
         self._closed = False
-        endpoint.on_initial = self._on_initial
+        endpoint.serve(self._on_initial)
 
     @property
     def addrs(self) -> list[Multiaddr]:
@@ -87,11 +92,11 @@ class QuicListener:
         addr: NetworkAddress,
         now: float,
     ) -> None:
-        limits = self._transport.limits
+        limits = self._transport._limits
         if endpoint.pending_inbound_handshakes >= limits.max_pending_handshakes:
             return
         quic = LibP2PQuicConnection(
-            configuration=self._transport.server_configuration,
+            configuration=self._transport._server_config,
             max_streams=limits.max_streams,
             original_destination_connection_id=header.destination_cid,
         )
@@ -101,7 +106,7 @@ class QuicListener:
             peer_addr=addr,
             local_peer=self._transport.local_peer,
             limits=limits,
-            on_established=self._transport.handler_starter(self._handler),
+            on_established=self._transport._start_handler(self._handler),
         )
         endpoint.add(conn, header.destination_cid, quic.host_cid)
         conn.receive(data, addr, now)
@@ -120,11 +125,16 @@ class QuicTransport:
         identity: KeyPair,
         limits: QuicLimits = QuicLimits(),  # noqa: B008 - frozen value
     ) -> None:
+        if not 0 < limits.keepalive_s < limits.idle_timeout_s:
+            raise ValueError(
+                f"QuicLimits.keepalive_s={limits.keepalive_s} must be positive and below "
+                f"idle_timeout_s={limits.idle_timeout_s}, or idle connections time out"
+            )
         certificate = make_tls_certificate(identity)
         self._identity = identity
-        self.limits = limits
-        self.client_configuration = quic_configuration(certificate, limits, is_client=True)
-        self.server_configuration = quic_configuration(certificate, limits, is_client=False)
+        self._limits = limits
+        self._client_config = quic_configuration(certificate, limits, is_client=True)
+        self._server_config = quic_configuration(certificate, limits, is_client=False)
         self._endpoints: list[QuicEndpoint] = []
         self._listeners: list[QuicListener] = []
         self._handler_tasks: set[asyncio.Task[None]] = set()
@@ -159,7 +169,7 @@ class QuicTransport:
                 (
                     e
                     for e in self._endpoints
-                    if e.is_open
+                    if e.is_alive
                     and e.on_initial is None
                     and e.family == family
                     and e.bound_ip == ipaddress.ip_address(host)
@@ -181,7 +191,7 @@ class QuicTransport:
         addr: Multiaddr,
         expected_peer: PeerId | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - the Transport contract
+        timeout: float | None = None,
     ) -> QuicConnection:
         """Connect and authenticate; the remote must prove ``expected_peer``.
 
@@ -203,18 +213,18 @@ class QuicTransport:
             raise DialError(f"cannot dial {addr}: no UDP socket: {exc}", addr=addr) from None
         peer_addr = endpoint.peer_address(host, port)
         quic = LibP2PQuicConnection(
-            configuration=self.client_configuration, max_streams=self.limits.max_streams
+            configuration=self._client_config, max_streams=self._limits.max_streams
         )
         conn = QuicConnection(
             endpoint=endpoint,
             quic=quic,
             peer_addr=peer_addr,
             local_peer=self.local_peer,
-            limits=self.limits,
+            limits=self._limits,
             expected_peer=expected,
         )
         endpoint.add(conn, quic.host_cid)
-        limit = timeout if timeout is not None else self.limits.handshake_timeout_s
+        limit = timeout if timeout is not None else self._limits.handshake_timeout_s
         try:
             conn.connect()
             async with asyncio.timeout(limit):
@@ -224,6 +234,8 @@ class QuicTransport:
             raise DialError(
                 f"QUIC handshake with {addr} timed out after {limit:g} s", addr=addr
             ) from None
+        except ConnectionClosed as exc:
+            raise DialError(f"dial to {addr} abandoned: {exc}", addr=addr) from None
         except BaseException:
             conn.close_now("dial abandoned")
             raise
@@ -235,7 +247,10 @@ class QuicTransport:
         Raises ``TransportError`` if there is no such socket yet: listen (or dial) first.
         """
         host, port = addr
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        try:
+            family = _IP_FAMILIES[ipaddress.ip_address(host).version]
+        except ValueError:
+            raise MultiaddrError(f"{host!r} is not an IP address") from None
         endpoint = self._pick_endpoint(family, host)
         if endpoint is None:
             raise TransportError(f"no UDP socket can reach {host}; listen on QUIC first")
@@ -245,7 +260,7 @@ class QuicTransport:
     def udp_socket(self) -> socket.socket | None:
         """The socket of the first listener (the one peers know), else of the first dial."""
         endpoint = self._pick_endpoint(None, None)
-        return endpoint.socket if endpoint is not None else None
+        return endpoint.udp_socket if endpoint is not None else None
 
     async def close(self) -> None:
         self._closed = True
@@ -260,7 +275,7 @@ class QuicTransport:
 
     # internals
 
-    def handler_starter(self, handler: ConnectionHandler) -> Callable[[QuicConnection], None]:
+    def _start_handler(self, handler: ConnectionHandler) -> Callable[[QuicConnection], None]:
         """What a listener calls with each authenticated connection: ``handler`` in a task."""
 
         def start(conn: QuicConnection) -> None:
@@ -273,6 +288,8 @@ class QuicTransport:
     async def _serve(self, handler: ConnectionHandler, conn: QuicConnection) -> None:
         try:
             await handler(conn)
+        except TransportError as exc:
+            _log.debug("connection handler for %r ended: %s", conn, exc)
         except Exception:
             _log.exception("connection handler failed for %r", conn)
 
@@ -295,6 +312,6 @@ class QuicTransport:
             return endpoint
 
     async def _bind(self, family: int, host: str, port: int) -> QuicEndpoint:
-        endpoint = await QuicEndpoint.bind(family, host, port, self.limits)
+        endpoint = await QuicEndpoint.bind(family, host, port, self._limits)
         self._endpoints.append(endpoint)
         return endpoint

@@ -1,4 +1,4 @@
-"""The asyncio shell around one aioquic connection: ``QuicConnection`` and ``QuicStream``.
+"""The asyncio shell around one aioquic connection: :class:`QuicConnection`.
 
 aioquic is the sans-IO core; this module only pumps it. Datagrams come in through
 :meth:`QuicConnection.receive` (from the shared :class:`~transport._quic_endpoint.QuicEndpoint`),
@@ -10,10 +10,9 @@ certificate must then prove a PeerID (and the expected one, when dialing). A cli
 waits for the server's HANDSHAKE_DONE: until then the server may still refuse the
 client's certificate, and the dial must fail rather than hand out a dead connection.
 
-Flow control: writes wait while a stream holds more than
-``QuicLimits.stream_send_buffer_bytes`` unacknowledged, so a 64 MiB write never sits in
-aioquic at once. Reads are aioquic's: it grants the peer more window as data arrives,
-whether or not the application has read it yet.
+Liveness: a PING every ``QuicLimits.keepalive_s`` keeps NAT mappings and the peer's idle
+timer fresh; aioquic closes the connection after ``idle_timeout_s`` without a packet from
+the peer, and every pending read and write then fails with ``ConnectionClosed``.
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from security import InvalidCertificate, PeerId
 
 from ._errors import ConnectionClosed, DialError, HandshakeError, PeerIdMismatch, TransportError
-from ._errors import StreamClosed as StreamClosedError
 from ._errors import StreamReset as StreamResetError
 from ._limits import QuicLimits
 from ._multiaddr import Multiaddr
 from ._quic_engine import APPLICATION_NO_ERROR, BAD_CERTIFICATE, LibP2PQuicConnection, authenticate
+from ._quic_stream import QuicStream, Signal
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,191 +48,6 @@ if TYPE_CHECKING:
     from ._quic_endpoint import NetworkAddress, QuicEndpoint
 
 _log = logging.getLogger(__name__)
-
-
-class _Signal:
-    """Wakes whoever waits for a state change; waiters re-check the state themselves."""
-
-    __slots__ = ("_waiter",)
-
-    def __init__(self) -> None:
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def wait(self) -> None:
-        if self._waiter is None or self._waiter.done():
-            self._waiter = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._waiter)
-
-    def notify(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-def _again(exc: TransportError) -> TransportError:
-    """A fresh copy of a stored stream error, so each raise has its own traceback."""
-    return type(exc)(*exc.args)
-
-
-class QuicStream:
-    """One bidirectional QUIC stream."""
-
-    def __init__(self, conn: QuicConnection, stream_id: int) -> None:
-        self._conn = conn
-        self.stream_id = stream_id
-        self._buffer = bytearray()
-        self._eof = False
-        self._read_error: TransportError | None = None
-        self._write_error: TransportError | None = None
-        self._write_closed = False
-        self._readable = _Signal()
-        self._writable = _Signal()
-
-    def __repr__(self) -> str:
-        return f"<QuicStream {self.stream_id} of {self._conn!r}>"
-
-    @property
-    def connection(self) -> QuicConnection:
-        return self._conn
-
-    # reading
-
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-        while not self._buffer:
-            if self._read_error is not None:
-                raise _again(self._read_error)
-            if self._eof:
-                return b""
-            self._conn.check_open()
-            await self._readable.wait()
-        return self._take(min(max_bytes, len(self._buffer)))
-
-    async def readexactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            if self._read_error is not None:
-                raise _again(self._read_error)
-            if self._eof:
-                raise StreamClosedError(
-                    f"stream {self.stream_id} ended after {len(self._buffer)} of {n} bytes"
-                )
-            self._conn.check_open()
-            await self._readable.wait()
-        return self._take(n)
-
-    def _take(self, n: int) -> bytes:
-        if n == len(self._buffer):
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            return data
-        with memoryview(self._buffer) as view:
-            data = bytes(view[:n])
-        del self._buffer[:n]
-        return data
-
-    # writing
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        sent = 0
-        while True:
-            self._check_writable()
-            if sent >= len(view):
-                return
-            room = self._conn.send_room(self.stream_id)
-            if room <= 0:
-                self._conn.blocked_writers.add(self)
-                await self._writable.wait()
-                continue
-            chunk = view[sent : sent + room]
-            self._conn.send(self.stream_id, chunk)
-            sent += len(chunk)
-
-    def _check_writable(self) -> None:
-        if self._write_error is not None:
-            raise _again(self._write_error)
-        if self._write_closed:
-            raise StreamClosedError(f"stream {self.stream_id}: write after close_write()")
-        self._conn.check_open()
-
-    async def close_write(self) -> None:
-        if self._write_closed or self._write_error is not None:
-            return
-        self._write_closed = True
-        if not self._conn.is_closed:
-            self._conn.send(self.stream_id, b"", end_stream=True)
-        self._conn.release_if_done(self)
-
-    # closing
-
-    async def close(self) -> None:
-        await self.close_write()
-        if not self._eof and self._read_error is None and not self._conn.is_closed:
-            self._conn.stop_sending(self.stream_id)
-        self._fail_reads(StreamClosedError(f"stream {self.stream_id} is closed"))
-
-    def reset(self) -> None:
-        if not self._conn.is_closed:
-            if not self._write_closed and self._write_error is None:
-                self._conn.reset_stream(self.stream_id)
-            if not self._eof and self._read_error is None:
-                self._conn.stop_sending(self.stream_id)
-        error = StreamResetError(f"stream {self.stream_id} was reset locally")
-        self._fail_writes(error)
-        self._fail_reads(error)
-
-    # events from the connection
-
-    def on_data(self, data: bytes, end_stream: bool) -> None:
-        if self._read_error is not None:
-            return
-        self._buffer += data
-        if end_stream:
-            self._eof = True
-            self._conn.release_if_done(self)
-        self._readable.notify()
-
-    def on_reset(self, error_code: int) -> None:
-        self._fail_reads(
-            StreamResetError(f"stream {self.stream_id} was reset by the peer (code {error_code})")
-        )
-
-    def on_stop_sending(self, error_code: int) -> None:
-        self._fail_writes(
-            StreamResetError(
-                f"the peer stopped reading stream {self.stream_id} (code {error_code})"
-            )
-        )
-
-    def on_writable(self) -> None:
-        self._writable.notify()
-
-    def on_connection_closed(self, error: ConnectionClosed) -> None:
-        if not self._write_closed and self._write_error is None:
-            self._write_error = error
-        self._writable.notify()
-        self._readable.notify()
-
-    def _fail_reads(self, error: TransportError) -> None:
-        if self._read_error is None:
-            self._read_error = error
-            self._buffer.clear()
-            self._readable.notify()
-            self._conn.release_if_done(self)
-
-    def _fail_writes(self, error: TransportError) -> None:
-        if self._write_error is None and not self._write_closed:
-            self._write_error = error
-            self._writable.notify()
-            self._conn.release_if_done(self)
-
-    @property
-    def is_done(self) -> bool:
-        """Both directions finished: the connection need not route events to it any more."""
-        read_done = self._eof or self._read_error is not None
-        write_done = self._write_closed or self._write_error is not None
-        return read_done and write_done
 
 
 class QuicConnection:
@@ -266,7 +80,7 @@ class QuicConnection:
         self._closed = asyncio.Event()
         self._streams: dict[int, QuicStream] = {}
         self._inbound: deque[QuicStream] = deque()
-        self._accept = _Signal()
+        self._accept = Signal()
         self._next_inbound_id = 1 if self._is_client else 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -323,6 +137,10 @@ class QuicConnection:
         return self._inbound.popleft()
 
     async def close(self) -> None:
+        """Close at once; what the peer has not acknowledged yet is abandoned.
+
+        For an orderly end, half-close the streams and read the peer's answers first.
+        """
         self.close_now()
 
     async def wait_closed(self) -> None:
@@ -339,6 +157,7 @@ class QuicConnection:
 
     def send(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         try:
+            # aioquic appends ``data`` to a bytearray: a memoryview slice needs no copy first.
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)  # type: ignore[arg-type]
         except (ValueError, RuntimeError) as exc:
             raise StreamResetError(f"stream {stream_id} can no longer send: {exc}") from None
@@ -352,7 +171,7 @@ class QuicConnection:
         try:
             self._quic.stop_stream(stream_id, APPLICATION_NO_ERROR)
         except ValueError:
-            return  # aioquic holds no receive state for it: the peer never sent anything
+            return  # aioquic already discarded the stream: nothing left to stop
         self._endpoint.schedule_transmit(self)
 
     def release_if_done(self, stream: QuicStream) -> None:
@@ -407,7 +226,7 @@ class QuicConnection:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self._keepalive = self._loop.call_later(self._limits.keepalive_s, self._on_keepalive)
+        self._keepalive = self._loop.call_later(self._keepalive_interval, self._on_keepalive)
         if self._established_waiter is not None and not self._established_waiter.done():
             self._established_waiter.set_result(None)
         if self._on_established is not None:
@@ -475,7 +294,12 @@ class QuicConnection:
         if self._error is None:
             self._quic.send_ping(0)
             self._endpoint.schedule_transmit(self)
-            self._keepalive = self._loop.call_later(self._limits.keepalive_s, self._on_keepalive)
+            self._keepalive = self._loop.call_later(self._keepalive_interval, self._on_keepalive)
+
+    @property
+    def _keepalive_interval(self) -> float:
+        """``keepalive_s``, or half the idle timeout when the peer asked for a shorter one."""
+        return min(self._limits.keepalive_s, self._quic.idle_timeout / 2)
 
     def _process_events(self) -> None:
         quic = self._quic
@@ -563,6 +387,7 @@ class QuicConnection:
         for stream in list(self._streams.values()):
             stream.on_connection_closed(closed)
         self._streams.clear()
+        self._inbound.clear()
         self.blocked_writers.clear()
         self._accept.notify()
         self._closed.set()

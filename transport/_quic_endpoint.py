@@ -10,9 +10,12 @@ inbound connection when a listener is attached, and is refused otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import platform
 import socket
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,24 +49,31 @@ InitialHandler = Callable[["QuicEndpoint", QuicHeader, bytes, NetworkAddress, fl
 """Called with a new Initial packet while a listener is attached."""
 
 
+_FORCE_OPTIONS = (
+    {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32}
+    if sys.platform == "linux"
+    and platform.machine().startswith(("x86", "i686", "amd64", "aarch64", "arm", "riscv", "ppc"))
+    else {}
+)
+"""SO_RCVBUFFORCE and SO_SNDBUFFORCE of Linux's asm-generic/socket.h, which Python's socket
+module does not name: as root they pass net.core.rmem_max / wmem_max."""
+
+
 def _size_buffers(sock: socket.socket, size: int) -> None:
-    """Ask for ``size``-byte kernel buffers, past net.core.{r,w}mem_max when allowed (root).
+    """Ask for ``size``-byte kernel buffers, past the system maximum when allowed (root).
 
     With Linux's default of about 200 KiB, a bulk transfer overflows the receive buffer
-    and QUIC's congestion controller reads the drops as congestion.
+    and QUIC's congestion controller reads the drops as congestion. Without root, the
+    kernel caps the size at net.core.rmem_max / wmem_max.
     """
-    for forced, plain in (
-        ("SO_RCVBUFFORCE", socket.SO_RCVBUF),
-        ("SO_SNDBUFFORCE", socket.SO_SNDBUF),
-    ):
-        option = getattr(socket, forced, None)
-        try:
-            if option is None:
-                raise PermissionError(f"{forced} is not available here")
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        forced = _FORCE_OPTIONS.get(option)
+        if forced is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        if sock.getsockopt(socket.SOL_SOCKET, option) < size:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
             except OSError as exc:
                 _log.debug("UDP buffer size %d refused: %s", size, exc)
 
@@ -128,13 +138,20 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         return endpoint
 
     @property
-    def socket(self) -> socket.socket:
+    def udp_socket(self) -> socket.socket:
         return self._sock
 
     @property
     def is_open(self) -> bool:
         """Usable for new connections: neither closed nor retired."""
-        return not self._retired and not self._lost.is_set()
+        return not self._retired and self.is_alive
+
+    @property
+    def is_alive(self) -> bool:
+        """The socket is still open (perhaps retired, serving its last connections)."""
+        return not self._lost.is_set() and not (
+            self._transport is not None and self._transport.is_closing()
+        )
 
     def can_reach(self, host: str) -> bool:
         """Whether this socket can send to ``host``: a wildcard bind, or the same scope."""
@@ -149,6 +166,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
 
     @property
     def pending_inbound_handshakes(self) -> int:
+        """Inbound connections still authenticating (bounded by ``max_pending_handshakes``)."""
         return sum(1 for conn in self._connections if conn.is_inbound_handshake)
 
     # connection bookkeeping
@@ -212,13 +230,13 @@ class QuicEndpoint(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         # asyncio reads one datagram per event-loop turn; read what else is queued, so
         # that aioquic answers a burst once, not once per datagram.
-        self._receive(data, addr)
+        self._receive_safely(data, addr)
         for _ in range(self._limits.datagrams_per_read - 1):
             try:
                 data, addr = self._sock.recvfrom(_MAX_UDP_PAYLOAD)
             except OSError:
                 break
-            self._receive(data, addr)
+            self._receive_safely(data, addr)
         self._flush()
 
     def error_received(self, exc: Exception) -> None:
@@ -243,17 +261,33 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self._dirty.clear()
         self._lost.set()
 
-    def _receive(self, data: bytes, addr: NetworkAddress) -> None:
+    def _receive_safely(self, data: bytes, addr: NetworkAddress) -> None:
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_BYTES)
-        except ValueError:
+            self._receive(data, addr)
+        except Exception:  # whatever a datagram holds, the socket keeps serving the others
+            _log.exception("dropped a datagram from %s", addr)
+
+    def _receive(self, data: bytes, addr: NetworkAddress) -> None:
+        # The destination connection ID sits at a fixed place (RFC 9000 17.2 and 17.3): find
+        # the connection without parsing the whole header, which aioquic parses again.
+        if len(data) < 7:
             return
-        conn = self._by_cid.get(header.destination_cid)
+        if data[0] & 0x80:
+            cid = data[6 : 6 + data[5]]
+        else:
+            cid = data[1 : 1 + CONNECTION_ID_BYTES]
+        conn = self._by_cid.get(cid)
         if conn is not None:
             conn.receive(data, addr, self._loop.time())
             self._dirty[conn] = None
             return
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_BYTES)
+        except ValueError:
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
             return
         if header.version not in SUPPORTED_VERSIONS:
             self.sendto(
@@ -265,14 +299,16 @@ class QuicEndpoint(asyncio.DatagramProtocol):
                 addr,
             )
         elif self.on_initial is not None:
-            try:
-                self.on_initial(self, header, data, addr, self._loop.time())
-            except Exception:
-                _log.exception("dropped an Initial packet from %s", addr)
+            self.on_initial(self, header, data, addr, self._loop.time())
         else:
             self.sendto(_refusal(header), addr)
 
     # closing
+
+    def serve(self, on_initial: InitialHandler) -> None:
+        """Start a listener's service on this socket (taking it back from retirement)."""
+        self._retired = False
+        self.on_initial = on_initial
 
     def retire(self) -> None:
         """Take no new connections; close the socket once the current ones are gone."""

@@ -117,6 +117,11 @@ class LibP2PQuicConnection(QuicConnection):
         """
         return self._close_event
 
+    @property
+    def idle_timeout(self) -> float:
+        """The negotiated idle timeout: the lower of both sides' (RFC 9000 10.1)."""
+        return self._idle_timeout()
+
     def unacked_bytes(self, stream_id: int) -> int:
         """Bytes written to a stream that the peer has not acknowledged yet."""
         stream = self._streams.get(stream_id)

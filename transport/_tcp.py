@@ -260,7 +260,12 @@ class TcpTransport:
         task.add_done_callback(self._tasks.discard)
 
     async def listen(self, addr: Multiaddr, handler: ConnectionHandler) -> TcpListener:
-        """Listen on ``/ip4|ip6/<host>/tcp/<port>`` (port 0 picks one; see ``addrs``)."""
+        """Listen on ``/ip4|ip6/<host>/tcp/<port>`` (port 0 picks one; see ``addrs``).
+
+        ``handler`` runs once per authenticated inbound connection, in the task that
+        upgraded it. Raises ``HandshakeError`` when this Python cannot request client
+        certificates (``_tls_verify``), ``TransportError`` when the port cannot be bound.
+        """
         if self._closed:
             raise TransportError(f"cannot listen on {addr}: the TCP transport is closed")
         endpoint = _tcp_endpoint(addr) if addr.peer_id is None else None

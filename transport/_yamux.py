@@ -55,7 +55,7 @@ _UINT32_MAX = 0xFFFF_FFFF
 MAX_WINDOW = _UINT32_MAX
 MAX_STREAM_ID = _UINT32_MAX
 
-_INLINE_PAYLOAD_BYTES = 16 * KIB
+INLINE_PAYLOAD_BYTES = 16 * KIB
 """Payloads up to this size are copied into the output next to their header; larger
 ones are handed to the shell as views of the caller's buffer."""
 _GROWTH_RTTS = 4
@@ -286,7 +286,7 @@ class YamuxSession:
             return 0
         stream.send_window -= n
         self._small += HEADER.pack(PROTOCOL_VERSION, TYPE_DATA, 0, stream_id, n)
-        if n <= _INLINE_PAYLOAD_BYTES:
+        if n <= INLINE_PAYLOAD_BYTES:
             self._small += data[:n]
         else:
             self._out.append(bytes(self._small))

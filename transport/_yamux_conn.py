@@ -10,7 +10,9 @@ or ``StreamReset``.
 
 Data is never copied per byte here: a received chunk that is all payload is handed to
 the stream as is, reads return whole chunks when they fit, and large writes go to the
-transport as views of the caller's buffer, behind their 12-byte header.
+transport at once as views of the caller's buffer, behind their 12-byte header. Small
+frames (headers, window updates, short writes) are collected and written once per
+event-loop iteration, so a request and its negotiation leave in one segment.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class YamuxStream:
         self._read_closed = False
         self._write_closed = False
         self._reset_reason: str | None = None
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
+        self._read_waiters: list[asyncio.Future[None]] = []
+        self._write_waiters: list[asyncio.Future[None]] = []
+        self._read_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
 
     @property
     def connection(self) -> YamuxConnection:
@@ -56,25 +60,31 @@ class YamuxStream:
     # -- reading -----------------------------------------------------------------------
 
     async def read(self, max_bytes: int = 65536) -> bytes:
+        """Return up to ``max_bytes``, or ``b""`` at the peer's end; readers take turns."""
         if max_bytes < 1:
             raise ValueError(f"read(max_bytes={max_bytes}) needs max_bytes >= 1")
-        while not self._chunks:
-            if self._eof and self._reset_reason is None:
-                self._check_read_open()
-                return b""
-            self._check_readable()
-            await self._wait("_read_waiter")
-        return self._take(max_bytes)
+        async with self._read_lock:
+            while not self._chunks:
+                if self._eof and self._reset_reason is None:
+                    self._check_read_open()
+                    return b""
+                self._check_readable()
+                await _wait(self._read_waiters)
+            return self._take(max_bytes)
 
     async def readexactly(self, n: int) -> bytes:
         """Return exactly ``n`` bytes; on an error or cancellation nothing is consumed.
 
         Window is granted while waiting, so ``n`` may exceed the stream's window.
         """
-        if not n:
+        if n <= 0:
             return b""
-        if self._chunks and n <= len(self._chunks[0]) - self._head:
-            return self._take(n)
+        async with self._read_lock:
+            if self._chunks and n <= len(self._chunks[0]) - self._head:
+                return self._take(n)
+            return await self._gather(n)
+
+    async def _gather(self, n: int) -> bytes:
         parts: list[bytes] = []
         need = n
         try:
@@ -87,7 +97,7 @@ class YamuxStream:
                             f"the {n} bytes expected"
                         )
                     self._check_readable()
-                    await self._wait("_read_waiter")
+                    await _wait(self._read_waiters)
                 part = self._take(need)
                 parts.append(part)
                 need -= len(part)
@@ -140,23 +150,27 @@ class YamuxStream:
     # -- writing -----------------------------------------------------------------------
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data``, waiting for window; don't modify ``data`` until this returns."""
+        """Send ``data``, waiting for window; don't modify ``data`` until this returns.
+
+        Concurrent writes on one stream are serialized: each call's bytes stay contiguous.
+        """
         view = memoryview(data)
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
         total = len(view)
         sent = 0
         conn = self._conn
-        while True:
-            self._check_writable()
-            if sent >= total:
-                return
-            n = conn._send(self.stream_id, view[sent:] if sent else view)
-            if n:
-                sent += n
-                await conn._drain()
-            else:
-                await self._wait("_write_waiter")
+        async with self._write_lock:
+            while True:
+                self._check_writable()
+                if sent >= total:
+                    return
+                n = conn._send(self.stream_id, view[sent:] if sent else view)
+                if n:
+                    sent += n
+                    await conn._drain()
+                else:
+                    await _wait(self._write_waiters)
 
     def _check_writable(self) -> None:
         if self._reset_reason is not None:
@@ -174,7 +188,7 @@ class YamuxStream:
         self._conn._close_write(self.stream_id)
         if self._eof:
             self._conn._forget(self.stream_id)
-        self._wake("_write_waiter")
+        _wake(self._write_waiters)
 
     async def close(self) -> None:
         """Half-close, drop unread data and discard what still arrives until the peer's FIN."""
@@ -184,7 +198,7 @@ class YamuxStream:
         self._read_closed = True
         while self._chunks:
             self._take(self._buffered)
-        self._wake("_read_waiter")
+        _wake(self._read_waiters)
 
     def reset(self) -> None:
         if self._reset_reason is not None or self._conn._error is not None:
@@ -204,11 +218,11 @@ class YamuxStream:
         if self._read_closed:
             self._take(len(data))
         else:
-            self._wake("_read_waiter")
+            _wake(self._read_waiters)
 
     def _on_eof(self) -> None:
         self._eof = True
-        self._wake("_read_waiter")
+        _wake(self._read_waiters)
 
     def _on_reset(self) -> None:
         self._reset_reason = f"yamux stream {self.stream_id} was reset by the peer"
@@ -222,24 +236,25 @@ class YamuxStream:
         self._preconsumed = 0
 
     def _wake_all(self) -> None:
-        self._wake("_read_waiter")
-        self._wake("_write_waiter")
+        _wake(self._read_waiters)
+        _wake(self._write_waiters)
 
-    def _wake(self, slot: str) -> None:
-        waiter = getattr(self, slot)
-        if waiter is not None:
-            setattr(self, slot, None)
-            if not waiter.done():
-                waiter.set_result(None)
 
-    async def _wait(self, slot: str) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        setattr(self, slot, waiter)
-        try:
-            await waiter
-        finally:
-            if getattr(self, slot) is waiter:
-                setattr(self, slot, None)
+async def _wait(waiters: list[asyncio.Future[None]]) -> None:
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    finally:
+        if waiter in waiters:
+            waiters.remove(waiter)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
 
 
 class YamuxConnection:
@@ -272,8 +287,10 @@ class YamuxConnection:
         self._accept_waiters: list[asyncio.Future[None]] = []
         self._error: ConnectionClosed | None = None
         self._closed = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._reader_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._ping_outstanding: int | None = None
+        self._flush_scheduled = False
 
     # -- Connection properties ---------------------------------------------------------
 
@@ -316,10 +333,12 @@ class YamuxConnection:
         loop = asyncio.get_running_loop()
         self._ping_outstanding = self._core.ping(loop.time())
         self._flush()
-        self._tasks = [
-            loop.create_task(self._read_loop(), name=f"yamux-read {self._remote_peer}"),
-            loop.create_task(self._keepalive(), name=f"yamux-keepalive {self._remote_peer}"),
-        ]
+        self._reader_task = loop.create_task(
+            self._read_loop(), name=f"yamux-read {self._remote_peer}"
+        )
+        self._keepalive_task = loop.create_task(
+            self._keepalive(), name=f"yamux-keepalive {self._remote_peer}"
+        )
 
     async def close(self) -> None:
         """Send GoAway, fail pending operations, and shut the transport down gracefully.
@@ -337,7 +356,11 @@ class YamuxConnection:
                 end="linger",
             )
         current = asyncio.current_task()
-        tasks = [task for task in self._tasks if task is not current]
+        tasks = [
+            task
+            for task in (self._reader_task, self._keepalive_task)
+            if task is not None and task is not current
+        ]
         try:
             async with asyncio.timeout(self._limits.close_timeout_s):
                 if tasks:
@@ -370,16 +393,14 @@ class YamuxConnection:
             stream._wake_all()
         self._streams.clear()
         self._accept_queue.clear()
-        for waiter in self._accept_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _wake(self._accept_waiters)
         if end == "abort":
             self._writer.transport.abort()
         elif end == "linger" and self._writer.can_write_eof():
             self._writer.write_eof()
         else:
             self._writer.close()
-        keepalive = self._tasks[1] if self._tasks else None
+        keepalive = self._keepalive_task
         if keepalive is not None and keepalive is not asyncio.current_task():
             keepalive.cancel()
         self._closed.set()
@@ -391,21 +412,16 @@ class YamuxConnection:
         stream_id = self._core.open_stream()
         stream = YamuxStream(self, stream_id)
         self._streams[stream_id] = stream
-        self._flush()
+        self._flush_soon()
         return stream
 
     async def accept_stream(self) -> YamuxStream:
         while not self._accept_queue:
             self._check_open()
-            waiter = asyncio.get_running_loop().create_future()
-            self._accept_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._accept_waiters.remove(waiter)
+            await _wait(self._accept_waiters)
         stream = self._accept_queue.popleft()
         self._core.accept(stream.stream_id)
-        self._flush()
+        self._flush_soon()
         return stream
 
     def _check_open(self) -> None:
@@ -414,33 +430,40 @@ class YamuxConnection:
 
     def _send(self, stream_id: int, data: memoryview) -> int:
         n = self._core.send(stream_id, data)
-        if n:
-            self._flush()
+        if n > yamux.INLINE_PAYLOAD_BYTES:
+            self._flush()  # the output holds a view of the caller's buffer: write it now
+        elif n:
+            self._flush_soon()
         return n
 
     def _consumed(self, stream_id: int, n: int) -> None:
         if self._error is None:
             self._core.consume(stream_id, n, asyncio.get_running_loop().time())
-            self._flush()
+            self._flush_soon()
 
     def _close_write(self, stream_id: int) -> None:
         self._core.close_write(stream_id)
-        self._flush()
+        self._flush_soon()
 
     def _reset(self, stream_id: int) -> None:
         self._core.reset(stream_id)
         self._streams.pop(stream_id, None)
-        self._flush()
+        self._flush_soon()
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
 
+    def _flush_soon(self) -> None:
+        """Write the output at the next loop iteration, batching small frames."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         out = self._core.pop_output()
         if out and self._error is None:
-            write = self._writer.write
-            for buf in out:
-                write(buf)
+            self._writer.writelines(out)
 
     async def _drain(self) -> None:
         try:
@@ -468,6 +491,12 @@ class YamuxConnection:
             self._terminate(
                 ConnectionClosed(f"connection to {self._remote_peer} lost: {exc}"), end="abort"
             )
+        except Exception as exc:
+            self._terminate(
+                ConnectionClosed(f"yamux reader for {self._remote_peer} failed: {exc!r}"),
+                end="abort",
+            )
+            raise
         else:
             self._terminate(
                 ConnectionClosed(f"connection closed by peer {self._remote_peer}"), end="close"
@@ -485,15 +514,12 @@ class YamuxConnection:
             elif kind is yamux.WindowUpdated:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._wake("_write_waiter")
+                    _wake(stream._write_waiters)
             elif kind is yamux.StreamOpened:
                 stream = YamuxStream(self, event.stream_id)
                 streams[event.stream_id] = stream
                 self._accept_queue.append(stream)
-                for waiter in self._accept_waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-                        break
+                _wake(self._accept_waiters)
             elif kind is yamux.StreamEnded:
                 stream = streams.get(event.stream_id)
                 if stream is not None:

@@ -97,7 +97,7 @@ class ModelFamily(ABC):
         """Checkpoint name prefix of block ``index``, with its trailing dot."""
 
     def block_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors of one block (names relative to its prefix) -> the layer's state dict."""
+        """One block's checkpoint tensors (names relative to its prefix) -> the layer's state."""
         return tensors
 
     @abstractmethod
@@ -141,4 +141,4 @@ class ModelFamily(ABC):
         prepared: Any,
         cache: KVWriter | None,
     ) -> torch.Tensor:
-        """Run block ``index`` on ``[batch, new_tokens, hidden]``; ``cache`` is None when stateless."""
+        """Run block ``index`` on ``[batch, new_tokens, hidden]``; no ``cache`` when stateless."""

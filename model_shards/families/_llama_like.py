@@ -50,7 +50,9 @@ class LlamaLikeFamily(ModelFamily):
         return f"model.layers.{index}."
 
     def client_layout(self) -> ClientLayout:
-        return ClientLayout(embeddings="model.embed_tokens", final_norm="model.norm", lm_head="lm_head")
+        return ClientLayout(
+            embeddings="model.embed_tokens", final_norm="model.norm", lm_head="lm_head"
+        )
 
     def build_block(self, index: int) -> nn.Module:
         return self.layer_class(self.config, index)
@@ -65,7 +67,9 @@ class LlamaLikeFamily(ModelFamily):
 
     def cache_layout(self) -> CacheLayout:
         config = self.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         return CacheLayout(heads=config.num_key_value_heads, head_dim=head_dim)
 
     def prepare(self, hidden: torch.Tensor, geometry: StepGeometry) -> RotaryStep:

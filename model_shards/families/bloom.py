@@ -65,5 +65,7 @@ class BloomFamily(ModelFamily):
         prepared: BloomStep,
         cache: KVWriter | None,
     ) -> torch.Tensor:
-        output, _ = block(hidden, alibi=prepared.alibi, attention_mask=prepared.mask, layer_past=cache)
+        output, _ = block(
+            hidden, alibi=prepared.alibi, attention_mask=prepared.mask, layer_past=cache
+        )
         return output

@@ -1,4 +1,4 @@
-"""Falcon: rotary or ALiBi positions; multi-query (7B) or grouped (40B/180B, "new decoder") attention.
+"""Falcon: rotary or ALiBi positions; multi-query (7B) or grouped (40B/180B) attention.
 
 The new decoder architecture hands its cache every key/value head broadcast over its query
 group (``num_attention_heads`` copies of ``num_kv_heads`` heads); Swarm's cache keeps one
@@ -43,7 +43,9 @@ class FalconFamily(ModelFamily):
         self.rotary = None if config.alibi else FalconRotaryEmbedding(config=config)
         self._head_dim = config.hidden_size // config.num_attention_heads
         self._groups = (
-            config.num_attention_heads // config.num_kv_heads if config.new_decoder_architecture else 1
+            config.num_attention_heads // config.num_kv_heads
+            if config.new_decoder_architecture
+            else 1
         )
 
     def block_prefix(self, index: int) -> str:
@@ -51,7 +53,9 @@ class FalconFamily(ModelFamily):
 
     def client_layout(self) -> ClientLayout:
         return ClientLayout(
-            embeddings="transformer.word_embeddings", final_norm="transformer.ln_f", lm_head="lm_head"
+            embeddings="transformer.word_embeddings",
+            final_norm="transformer.ln_f",
+            lm_head="lm_head",
         )
 
     def build_block(self, index: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Qwen2: Llama's shape; layers marked ``sliding_attention`` in ``config.layer_types`` use a window."""
+"""Qwen2: Llama's shape; ``sliding_attention`` layers (``config.layer_types``) use a window."""
 
 from __future__ import annotations
 

@@ -253,6 +253,20 @@ async def test_writer_waits_for_a_slow_reader() -> None:
         await asyncio.wait_for(writing, 5)
 
 
+async def test_concurrent_readers_and_writers_on_one_stream() -> None:
+    async with connected() as (client, server):
+        stream = await client.open_stream()
+        await stream.write(b"?")
+        inbound = await server.accept_stream()
+        await inbound.readexactly(1)
+        readers = [asyncio.create_task(inbound.readexactly(1 * MIB)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        await asyncio.gather(stream.write(b"a" * MIB), stream.write(b"b" * MIB))
+        first, second = await asyncio.wait_for(asyncio.gather(*readers), 5)
+        # Each write arrives contiguous, and neither reader is forgotten.
+        assert {first, second} == {b"a" * MIB, b"b" * MIB}
+
+
 async def test_cancelled_readexactly_loses_nothing() -> None:
     async with connected() as (client, server):
         stream = await client.open_stream()
@@ -264,6 +278,7 @@ async def test_cancelled_readexactly_loses_nothing() -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiting
         await stream.write(b"67")
+        assert await inbound.readexactly(0) == b""
         assert await inbound.readexactly(7) == b"1234567"
 
 
@@ -339,8 +354,8 @@ async def test_silent_peer_is_dropped_by_keepalive() -> None:
 
 
 async def test_answered_pings_keep_the_connection_and_measure_rtt() -> None:
-    limits = dataclasses.replace(LIMITS, keepalive_s=0.05)
+    limits = dataclasses.replace(LIMITS, keepalive_s=0.2)
     async with connected(limits) as (client, server):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.7)
         assert not client.is_closed and not server.is_closed
         assert client.rtt_s is not None and 0 < client.rtt_s < 1

@@ -1,0 +1,121 @@
+"""Helpers for the DHT tests: seeded identities, a fake clock, clusters of real nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from dht import DHT, DhtLimits
+from dht._contact import Contact
+from p2p import Host
+from security import KeyPair, PeerId
+from transport._base import Transport
+from transport._memory import MemoryHub, MemoryTransport
+from transport._multiaddr import Multiaddr
+from transport._quic import QuicTransport
+
+
+class FakeClock:
+    """Wall time that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def fake_peer(rng: random.Random) -> PeerId:
+    """A PeerID from seeded randomness (any 32 bytes are a well-formed Ed25519 key ID)."""
+    return PeerId.from_public_key(rng.randbytes(32))
+
+
+def contact(rng: random.Random, ip: str | None = None) -> Contact:
+    return Contact(fake_peer(rng), (), ip)
+
+
+class Cluster:
+    """DHT nodes on real Hosts, on one private memory hub or on QUIC over 127.0.0.1.
+
+    ``await cluster.add()`` starts a Host and a DHT joined through the first node;
+    ``kill`` stops a node's Host without any goodbye; ``close`` stops everything.
+    """
+
+    def __init__(
+        self,
+        kind: str = "memory",
+        limits: DhtLimits = DhtLimits(),  # noqa: B008 - frozen value
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kind = kind
+        self.limits = limits
+        self.clock = clock
+        self.hub = MemoryHub()
+        self.nodes: list[DHT] = []
+        self.dead: set[PeerId] = set()
+
+    def _transport(self, identity: KeyPair) -> Transport:
+        if self.kind == "memory":
+            return MemoryTransport(identity, hub=self.hub)
+        return QuicTransport(identity)
+
+    def _listen(self) -> Multiaddr:
+        if self.kind == "memory":
+            return Multiaddr.for_memory("0")
+        return Multiaddr.for_quic("127.0.0.1", 0)
+
+    async def add(
+        self,
+        *,
+        identity: KeyPair | None = None,
+        join: bool = True,
+        server_mode: bool = True,
+        limits: DhtLimits | None = None,
+    ) -> DHT:
+        identity = identity or KeyPair.generate()
+        host = Host(identity, [self._transport(identity)])
+        await host.start([self._listen()])
+        node = DHT(
+            host,
+            limits or self.limits,
+            server_mode=server_mode,
+            clock=self.clock,
+            identity=identity,
+        )
+        self.nodes.append(node)
+        bootstrap = [self.nodes[0].host.addrs[0]] if join and len(self.nodes) > 1 else []
+        await node.start(bootstrap)
+        return node
+
+    async def grow(self, count: int) -> None:
+        for _ in range(count):
+            await self.add()
+
+    @property
+    def alive(self) -> list[DHT]:
+        return [n for n in self.nodes if n.peer_id not in self.dead]
+
+    async def kill(self, node: DHT) -> None:
+        """The node vanishes: its Host stops, its DHT says nothing to anyone."""
+        self.dead.add(node.peer_id)
+        await node.host.stop()
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.stop()
+            await node.host.stop()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` holds, polling; fail the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
