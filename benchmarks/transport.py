@@ -16,7 +16,8 @@ busy 2-core machine. Per configuration:
   open connection, after a 5% warm-up. Raw and py-libp2p: echo on one open stream.
   Swarm: ``Host.rpc_call`` (a new stream per call, lazily negotiated, framed), and, in
   the "stream RTT" column, echo on one open Host stream;
-* bulk: upload of ``bulk_bytes`` (256 MiB, 64 MiB with ``--quick``) to a sink that
+* bulk (and "MiB/CPU-s": bytes per CPU-second of the process, both ends, one stream):
+  upload of ``bulk_bytes`` (256 MiB, 64 MiB with ``--quick``) to a sink that
   answers the byte count after reading end of stream, over one stream and split over 4
   parallel streams (raw TLS: over 4 TLS connections, having no multiplexer); 64 KiB
   writes; throughput = bytes / time from the first write to the count's arrival. A
@@ -138,6 +139,7 @@ class Result:
     rtt_s: float | None = None
     stream_rtt_s: float | None = None
     bulk_bps: dict[int, float] = field(default_factory=dict)
+    bulk_cpu_bps: dict[int, float] = field(default_factory=dict)
     bulk_moved: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -150,6 +152,8 @@ class Result:
             if bps > self.bulk_bps.get(streams, 0.0):
                 self.bulk_bps[streams] = bps
                 self.bulk_moved[streams] = other.bulk_moved[streams]
+        for streams, bps in other.bulk_cpu_bps.items():
+            self.bulk_cpu_bps[streams] = max(bps, self.bulk_cpu_bps.get(streams, 0.0))
         self.notes += [note for note in other.notes if note not in self.notes]
 
     def as_json(self) -> dict[str, Any]:
@@ -158,6 +162,7 @@ class Result:
             "rtt_s": self.rtt_s,
             "stream_rtt_s": self.stream_rtt_s,
             "bulk_mib_s": {str(k): v / MIB for k, v in self.bulk_bps.items()},
+            "bulk_mib_per_cpu_s": {str(k): v / MIB for k, v in self.bulk_cpu_bps.items()},
             "bulk_mib_moved": {str(k): v / MIB for k, v in self.bulk_moved.items()},
             "notes": self.notes,
         }
@@ -205,13 +210,14 @@ async def measure_round_trips(call: Callable[[bytes], Awaitable[bytes]], plan: P
 
 async def measure_bulk(
     open_pipe: OpenPipe, total: int, streams: int, chunk: int, cap_s: float | None
-) -> tuple[int, float]:
-    """Bytes moved and bytes per second of ``total`` bytes split over ``streams`` parallel
-    sink streams, each stopping early once ``cap_s`` seconds have passed."""
+) -> tuple[int, float, float]:
+    """Bytes moved, bytes per second and bytes per CPU-second (of this process, both
+    ends) of ``total`` bytes split over ``streams`` parallel sink streams, each stopping
+    early once ``cap_s`` seconds have passed."""
     pipes = [await open_pipe(MODE_SINK) for _ in range(streams)]
     share = total // streams
     block = secrets.token_bytes(chunk)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     stop_at = None if cap_s is None else start + cap_s
 
     async def send(pipe: Pipe) -> int:
@@ -228,15 +234,17 @@ async def measure_bulk(
         return sent
 
     moved = sum(await asyncio.gather(*(send(p) for p in pipes)))
-    return moved, moved / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return moved, moved / wall, moved / cpu
 
 
 async def measure_all_bulk(result: Result, plan: Plan, open_pipe: OpenPipe) -> None:
     for streams in (1, plan.streams):
-        moved, bps = await measure_bulk(
+        moved, bps, cpu_bps = await measure_bulk(
             open_pipe, plan.bulk_bytes, streams, plan.chunk_bytes, plan.bulk_cap_s
         )
         result.bulk_moved[streams], result.bulk_bps[streams] = moved, bps
+        result.bulk_cpu_bps[streams] = cpu_bps
 
 
 async def measure_all(
@@ -535,7 +543,7 @@ async def bench_raw_tls(plan: Plan) -> Result:
             result.rtt_s = result.stream_rtt_s = await measure_round_trips(call, plan)
             await echo.close()
             for streams in (1, plan.streams):
-                moved, bps = await measure_bulk(
+                moved, bps, cpu_bps = await measure_bulk(
                     opener(plan.bulk_bytes // streams),
                     plan.bulk_bytes,
                     streams,
@@ -543,6 +551,7 @@ async def bench_raw_tls(plan: Plan) -> Result:
                     cap_s=None,
                 )
                 result.bulk_moved[streams], result.bulk_bps[streams] = moved, bps
+                result.bulk_cpu_bps[streams] = cpu_bps
         finally:
             server.close()
             await tasks.cancel()
@@ -639,6 +648,7 @@ async def bench_pylibp2p(transport: str, security: str, plan: Plan) -> Result:
     result.connect_s = statistics.median(data["connect_s"])
     result.rtt_s = result.stream_rtt_s = data["rtt_median_s"]
     result.bulk_bps = {int(k): v for k, v in data["bulk_bytes_per_s"].items()}
+    result.bulk_cpu_bps = {int(k): v for k, v in data["bulk_bytes_per_cpu_s"].items()}
     result.bulk_moved = {int(k): v for k, v in data["bulk_moved"].items()}
     result.notes += [f"x{k} lost {v} bytes" for k, v in data["bulk_lost"].items() if v]
     result.notes += [f"x{k} failed: {v}" for k, v in data["bulk_errors"].items()]
@@ -664,7 +674,7 @@ def moved(result: Result, streams: int) -> str:
 def print_table(results: dict[str, Result], streams: int) -> None:
     header = (
         f"{'configuration':<22} {'set-up ms':>9} {'RTT ms':>8} {'stream RTT':>10} "
-        f"{'bulk MiB/s':>10} {f'x{streams} MiB/s':>10} {'MiB moved':>9}  notes"
+        f"{'bulk MiB/s':>10} {f'x{streams} MiB/s':>10} {'MiB/CPU-s':>9} {'MiB moved':>9}  notes"
     )
     print(header)
     print("-" * len(header))
@@ -672,7 +682,8 @@ def print_table(results: dict[str, Result], streams: int) -> None:
         print(
             f"{r.name:<22} {fmt_ms(r.connect_s):>9} {fmt_ms(r.rtt_s):>8} "
             f"{fmt_ms(r.stream_rtt_s):>10} {fmt_mib(r.bulk_bps.get(1)):>10} "
-            f"{fmt_mib(r.bulk_bps.get(streams)):>10} {moved(r, streams):>9}  " + "; ".join(r.notes)
+            f"{fmt_mib(r.bulk_bps.get(streams)):>10} {fmt_mib(r.bulk_cpu_bps.get(1)):>9} "
+            f"{moved(r, streams):>9}  " + "; ".join(r.notes)
         )
 
 
@@ -689,12 +700,16 @@ def ratios(results: dict[str, Result], streams: int) -> dict[str, float | None]:
     def bulk(key: str, n: int = 1) -> float | None:
         return get(key).bulk_bps.get(n)
 
+    def cpu(key: str) -> float | None:
+        return get(key).bulk_cpu_bps.get(1)
+
     def best_of(values: list[float | None], pick: Callable[..., float]) -> float | None:
         present = [v for v in values if v is not None]
         return pick(present) if present else None
 
     py_tcp_rtt = best_of([get("pylibp2p_tcp_tls").rtt_s, get("pylibp2p_tcp_noise").rtt_s], min)
     py_tcp_bulk = best_of([bulk("pylibp2p_tcp_tls"), bulk("pylibp2p_tcp_noise")], max)
+    py_tcp_cpu = best_of([cpu("pylibp2p_tcp_tls"), cpu("pylibp2p_tcp_noise")], max)
     return {
         "quic_rtt_ratio": ratio(get("swarm_quic").rtt_s, get("raw_quic").rtt_s),
         "quic_stream_rtt_ratio": ratio(get("swarm_quic").stream_rtt_s, get("raw_quic").rtt_s),
@@ -710,6 +725,10 @@ def ratios(results: dict[str, Result], streams: int) -> dict[str, float | None]:
         "quic_bulk_vs_pylibp2p": ratio(bulk("swarm_quic"), bulk("pylibp2p_quic")),
         "tcp_rtt_vs_pylibp2p": ratio(get("swarm_tcp").rtt_s, py_tcp_rtt),
         "tcp_bulk_vs_pylibp2p": ratio(bulk("swarm_tcp"), py_tcp_bulk),
+        "quic_bulk_cpu_ratio": ratio(cpu("swarm_quic"), cpu("raw_quic")),
+        "tcp_bulk_cpu_ratio": ratio(cpu("swarm_tcp"), cpu("raw_tls")),
+        "quic_bulk_cpu_vs_pylibp2p": ratio(cpu("swarm_quic"), cpu("pylibp2p_quic")),
+        "tcp_bulk_cpu_vs_pylibp2p": ratio(cpu("swarm_tcp"), py_tcp_cpu),
     }
 
 
@@ -717,6 +736,8 @@ LEGEND = """\
 ratios (Swarm / baseline, same run):
   *_rtt_ratio, *_stream_rtt_ratio, *_setup_ratio: time, LOWER is better (goal RTT <= 1.3)
   *_bulk_ratio, *_bulk4_ratio: throughput, HIGHER is better (goal >= 0.8)
+  *_bulk_cpu_*: bytes per CPU-second of the process running both ends, HIGHER is
+    better; unlike wall-clock throughput it does not move with the machine's load
   *_rtt_vs_pylibp2p: time, LOWER is better (goal <= 0.5, i.e. 2x faster)
   *_bulk_vs_pylibp2p: throughput, HIGHER is better (goal >= 4)
   RTT is Host.rpc_call for Swarm, stream echo otherwise; vs py-libp2p TCP: its best of

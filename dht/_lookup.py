@@ -11,8 +11,11 @@ of the ID space full of bad nodes can capture some paths, not all of them. A pee
 belongs to the first path that learns of it, so no two paths ever query the same peer.
 
 A path ends when the ``k`` nearest candidates it knows that have not failed or stalled
-have all answered; a value lookup also ends once a value was found and the requests
-already in flight have come back. At most ``max_per_ip_group_in_lookup`` candidates of
+have all answered; a value lookup also ends once ``want`` peers answered with the value
+and the requests already in flight have come back. A value lookup starts narrow: it
+asks only ``want`` peers (one for a plain get) and widens to ``alpha`` as soon as any
+answer, failure or stall comes back, so that when the nearest peer we know holds the
+value, a get costs one request. At most ``max_per_ip_group_in_lookup`` candidates of
 one IP group are ever admitted.
 """
 
@@ -82,10 +85,12 @@ class Lookup:
         now: float,
         local: PeerId | None = None,
         find_value: bool = False,
+        want: int = 1,
     ) -> None:
         self.target = target
         self.limits = limits
         self.find_value = find_value
+        self.want = want
         self.started = now
         self.queries_sent = 0
         self._local = local
@@ -94,6 +99,8 @@ class Lookup:
         self._groups: dict[str, int] = {}
         self._seen: set[int] = set()
         self._found = False
+        self._holders = 0
+        self._width = min(limits.alpha, want) if find_value else limits.alpha
         ordered = sorted(seeds, key=lambda c: c.node_id ^ target)
         admitted = [c for c in ordered if self._admit(c)]
         for i, contact in enumerate(admitted):
@@ -126,7 +133,7 @@ class Lookup:
 
     @property
     def found(self) -> bool:
-        """Whether some peer answered with the value (value lookups only)."""
+        """Whether ``want`` peers answered with the value (value lookups only)."""
         return self._found
 
     def next_queries(self, now: float) -> list[Contact]:
@@ -135,7 +142,7 @@ class Lookup:
             return []
         picks: list[Contact] = []
         for path in self._paths:
-            budget = self.limits.alpha - path.in_flight
+            budget = self._width - path.in_flight
             if budget <= 0:
                 continue
             for candidate in path.nearest_live(self.limits.k):
@@ -164,9 +171,11 @@ class Lookup:
         if candidate is None:
             return
         self._set(candidate, _State.SUCCEEDED)
+        self._width = self.limits.alpha
         if found and self.find_value:
             candidate.had_value = True
-            self._found = True
+            self._holders += 1
+            self._found = self._holders >= self.want
         for contact in contacts:
             if self._admit(contact):
                 self._add(candidate.path, contact, candidate.hops + 1)
@@ -176,6 +185,7 @@ class Lookup:
         candidate = self._awaited(peer)
         if candidate is not None:
             self._set(candidate, _State.FAILED)
+            self._width = self.limits.alpha
 
     def next_deadline(self) -> float | None:
         """When the oldest request in flight will count as stalled."""
@@ -188,6 +198,7 @@ class Lookup:
         for candidate in self._candidates.values():
             if candidate.state is _State.IN_FLIGHT and candidate.sent_at <= cutoff:
                 self._set(candidate, _State.STALLED)
+                self._width = self.limits.alpha
 
     def _path_done(self, path: _Path) -> bool:
         if self.find_value and self._found:

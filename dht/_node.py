@@ -288,6 +288,7 @@ class DHT:
         target: int,
         *,
         key: bytes | None = None,
+        want: int = 1,
         until: Callable[[], bool] | None = None,
     ) -> tuple[Lookup, list[Entry]]:
         """Run one lookup to its end (or until ``until()`` holds); entries found are checked."""
@@ -300,6 +301,7 @@ class DHT:
             now=loop.time(),
             local=self.peer_id,
             find_value=key is not None,
+            want=want,
         )
         request: Request = FindValue(key) if key is not None else FindNode(target)
         pending: dict[asyncio.Task[Reply | None], Contact] = {}
@@ -417,7 +419,9 @@ class DHT:
         """Find ``key``: a ``Record``, a dict of sub-key -> ``Record``, or None if absent.
 
         A key with sub-keys answers with the dict (sub-keys owned by a peer are its
-        PeerID bytes). Our own copy answers at once unless ``latest`` asks the network.
+        PeerID bytes). Our own copy answers at once, else the first peer that has the
+        key does; ``latest`` asks the network even so and merges the answers of
+        ``alpha`` holders (the newest version of every sub-key among them).
         """
         raw = _key_bytes(key)
         now = self._clock()
@@ -425,12 +429,18 @@ class DHT:
         if local and not latest:
             self.last_lookup = LookupReport(0, 0)
             return self._shape(local)
-        lookup, found = await self._lookup(key_id(raw), key=raw)
+        want = self.limits.alpha if latest else 1
+        lookup, found = await self._lookup(key_id(raw), key=raw, want=want)
         entries = self.validators.merge([*found, *local])
         cache = lookup.cache_target()
         if cache is not None and entries:
+            self.last_lookup = LookupReport(lookup.hops, lookup.queries_sent + 1)
             self._spawn(self._request(cache, Store(raw, tuple(entries))))
         return self._shape(entries)
+
+    def get_local(self, key: Key) -> Record | dict[bytes, Record] | None:
+        """What this node itself holds for ``key``, shaped as ``get`` answers (no network)."""
+        return self._shape(self._core.store.get(_key_bytes(key), self._clock()))
 
     @staticmethod
     def _shape(entries: list[Entry]) -> Record | dict[bytes, Record] | None:

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from ._checkpoint import CONFIG_FILE, Checkpoint
-from ._dtypes import dtype_name
 from ._errors import CheckpointError
 from ._progress import Progress
 from .families import ModelFamily, family_for
@@ -107,7 +106,7 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name]
-        header = f"{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0"
+        header = f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0"
         digest.update(header.encode())
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         digest.update(raw.numpy())

@@ -2,9 +2,10 @@
 
 Every ``nn.Linear`` inside a block becomes a bitsandbytes layer (``Linear8bitLt`` or
 ``Linear4bit``); norms, embeddings and weights that are not ``nn.Linear`` (Mixtral's fused
-experts and router) stay in the compute dtype. Quantization happens where the block lives:
-the new layer is moved to the old one's device, which is when bitsandbytes quantizes.
-Both paths run on CPU with bitsandbytes >= 0.45 as well as on CUDA.
+experts and router) stay in the compute dtype. bitsandbytes quantizes a weight when it is
+moved to a device, and int8 weights only on their way off the CPU: so the loader keeps a
+block's weights on the CPU, replaces its linears, and moving each new layer to the target
+device quantizes it there. Both paths run on CPU (bitsandbytes >= 0.45) and on CUDA.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ def quantize_linears(
     quantization: Quantization,
     compute_dtype: torch.dtype,
     *,
+    device: torch.device | None = None,
     int8_threshold: float = 6.0,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` (in place) by its bitsandbytes counterpart.
 
-    The same call on a full transformers model's layers gives the weights a span loaded with
-    that quantization holds, bit for bit. ``int8_threshold`` is LLM.int8's outlier threshold
+    Each new layer is quantized on ``device`` (default: where its weight is). Give weights on
+    the CPU: bitsandbytes quantizes int8 weights only when they move off the CPU. The same
+    call on a full transformers model's layers gives the weights a span loaded with that
+    quantization holds, bit for bit. ``int8_threshold`` is LLM.int8's outlier threshold
     (transformers' default).
     """
     if quantization is Quantization.NONE:
@@ -92,5 +96,5 @@ def quantize_linears(
             if has_bias:
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             new.train(child.training)
-            setattr(parent, name, new.to(weight.device))
+            setattr(parent, name, new.to(weight.device if device is None else device))
     return module

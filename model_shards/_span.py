@@ -25,6 +25,7 @@ from ._checkpoint import Checkpoint
 from ._dtypes import compute_dtype, dtype_name, resolve_device
 from ._errors import (
     BadRequest,
+    CacheFull,
     CheckpointError,
     InvalidShape,
     ManifestMismatch,
@@ -133,7 +134,7 @@ class Span:
     ) -> InferenceSession:
         """Reserve a cache for ``batch_size`` sequences of up to ``max_length`` tokens.
 
-        Raises ``CacheFull`` at once when the pool has no room.
+        Raises ``CacheFull`` at once when the pool (or the device) has no room.
         """
         if batch_size < 1 or max_length < 1:
             raise BadRequest(f"session of batch {batch_size} x {max_length} tokens is empty")
@@ -150,9 +151,13 @@ class Span:
                 self.dtype,
                 self.device,
             )
-        except BaseException:
+        except RuntimeError as e:  # torch.OutOfMemoryError included: the device is full
             reservation.release()
-            raise
+            raise CacheFull(
+                f"cannot allocate {reservation.nbytes} cache bytes on {self.device}: {e}",
+                requested=reservation.nbytes,
+                available=0,
+            ) from e
         return InferenceSession(self, cache, reservation, batch_size, max_length)
 
     def _run(
@@ -343,12 +348,12 @@ def load_span(
     checkpoint = (
         source if isinstance(source, Checkpoint) else Checkpoint.open(source, cache_dir=cache_dir)
     )
-    family = family_for(checkpoint.config)
+    device = resolve_device(device)
+    family = family_for(checkpoint.config, device)
     if not 0 <= start < end <= family.num_blocks:
         raise ValueError(
             f"span [{start}, {end}) is not inside the model's {family.num_blocks} blocks"
         )
-    device = resolve_device(device)
     dtype = compute_dtype(dtype, device)
     quantization = resolve_quantization(quantization, device)
     if manifest is not None:
@@ -404,8 +409,8 @@ def _build_block(
         block = family.build_block(index)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     load_state(block, state, what=f"block {index}")
+    quantize_linears(block, quantization, dtype, device=device)
     block = block.to(device)
-    quantize_linears(block, quantization, dtype)
     block.eval()
     block.requires_grad_(False)
     return block

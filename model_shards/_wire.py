@@ -70,7 +70,7 @@ def encode_tensor(
         payload = [_bytes_of(flat)]
     elif compression is Compression.FLOAT16:
         if tensor.dtype != torch.float16:
-            flat = flat.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
+            flat = flat.float().clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
         payload = [_bytes_of(flat)]
     else:
         if block_size < 1:

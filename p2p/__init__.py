@@ -5,7 +5,6 @@ dependencies alone (cryptography, msgpack, aioquic).
 """
 
 from ._bootstrap import BootstrapResult
-from ._connmgr import ConnectionRecord
 from ._errors import (
     BootstrapError,
     ConnectionLost,
@@ -50,7 +49,6 @@ __all__ = [
     "BootstrapResult",
     "ConnectionLimits",
     "ConnectionLost",
-    "ConnectionRecord",
     "DialFailed",
     "Host",
     "HostLimits",

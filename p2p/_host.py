@@ -62,7 +62,9 @@ from ._negotiate import Inbound, lazy_prefix, negotiate_inbound
 from ._peerstore import PeerStore
 from ._ping import PROTOCOL_ID as PING_PROTOCOL
 from ._ping import ping, serve_ping
-from ._rpc import Payload, RpcClient, RpcReply, RpcServer, RpcStream, StreamHandler, UnaryHandler
+from ._rpc import Payload, RpcReply, RpcStream, StreamHandler, UnaryHandler
+from ._rpc_client import RpcClient
+from ._rpc_server import RpcServer
 from ._stream import HostStream
 
 _log = logging.getLogger("p2p.host")
@@ -146,8 +148,14 @@ class Host:
         return self._observed.counts()
 
     def _advertised(self) -> list[Multiaddr]:
+        """Listen addresses, then confirmed observed ones of a transport we listen on."""
         listen = self.listen_addrs
-        return listen + [addr for addr in self._observed.confirmed() if addr not in listen]
+        kinds = {addr.transport_kind for addr in listen}
+        return listen + [
+            addr
+            for addr in self._observed.confirmed()
+            if addr not in listen and addr.transport_kind in kinds
+        ]
 
     @property
     def addrs(self) -> list[Multiaddr]:
@@ -315,7 +323,13 @@ class Host:
             self._dials[key] = task
             self._tasks.add(task)
             task.add_done_callback(partial(self._dial_done, key))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise DialFailed(f"the Host stopped while dialing {target}", addr=target) from None
+            raise
 
     def _dial_done(self, key: Target, task: asyncio.Task[ConnectionRecord]) -> None:
         """Forget a finished dial; its error reaches every caller, none is logged here."""

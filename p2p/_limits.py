@@ -83,6 +83,8 @@ class HostLimits:
     """All bounds of a Host, grouped."""
 
     transport: TransportLimits = field(default_factory=TransportLimits)
+    """The Host negotiates with ``multistream`` and dials with ``dial_timeout_s``; the
+    transports keep the limits they were constructed with (pass them the same value)."""
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     rpc: RpcLimits = field(default_factory=RpcLimits)
     identify: IdentifyLimits = field(default_factory=IdentifyLimits)

@@ -6,6 +6,7 @@ Adding a family is one module beside these (a ``ModelFamily`` subclass) and one 
 
 from __future__ import annotations
 
+import torch
 from transformers import PretrainedConfig
 
 from .._errors import UnknownModelFamily
@@ -30,13 +31,13 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 
 
-def family_for(config: PretrainedConfig) -> ModelFamily:
-    """The adapter for ``config`` (a new instance holding a copy of it)."""
+def family_for(config: PretrainedConfig, device: torch.device | None = None) -> ModelFamily:
+    """A new adapter for ``config``, holding a copy of it, its modules on ``device``."""
     try:
         family = FAMILIES[config.model_type]
     except KeyError:
         raise UnknownModelFamily(config.model_type, tuple(FAMILIES)) from None
-    return family(config)
+    return family(config, device)
 
 
 __all__ = [

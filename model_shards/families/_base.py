@@ -65,17 +65,20 @@ class KVWriter(Protocol):
 
 
 class ModelFamily(ABC):
-    """Adapter for one ``config.model_type``; one instance per loaded model (holds its config).
+    """Adapter for one ``config.model_type``; one instance per loaded model.
 
-    Subclasses set ``model_type`` and the attention implementation transformers would pick,
-    and implement the abstract methods; ``families/__init__.py`` registers them.
+    It holds a copy of the config and the small modules every block of a call shares (a
+    rotary embedding), on ``device``. Subclasses set ``model_type`` and the attention
+    implementation transformers would pick, and implement the abstract methods;
+    ``families/__init__.py`` registers them.
     """
 
     model_type: ClassVar[str]
     attn_implementation: ClassVar[str] = "sdpa"
     experts_implementation: ClassVar[str | None] = None
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
         config = copy.deepcopy(config)
         config._attn_implementation = self.attn_implementation
         if self.experts_implementation is not None:

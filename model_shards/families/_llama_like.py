@@ -34,9 +34,9 @@ class LlamaLikeFamily(ModelFamily):
     norm_class: ClassVar[type[nn.Module]]
     rotary_class: ClassVar[type[nn.Module]]
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__(config)
-        self.rotary = self.rotary_class(config=self.config)
+    def __init__(self, config: PretrainedConfig, device: torch.device | None = None) -> None:
+        super().__init__(config, device)
+        self.rotary = self.rotary_class(config=self.config).to(self.device)
         self._windows = {self.window(i) for i in range(self.num_blocks)}
         forward_params = inspect.signature(self.layer_class.forward).parameters
         # transformers renamed past_key_values -> cache during 5.x; call layers by their own name

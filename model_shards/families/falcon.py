@@ -37,10 +37,10 @@ class FalconStep:
 class FalconFamily(ModelFamily):
     model_type = "falcon"
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig, device: torch.device | None = None) -> None:
+        super().__init__(config, device)
         config = self.config
-        self.rotary = None if config.alibi else FalconRotaryEmbedding(config=config)
+        self.rotary = None if config.alibi else FalconRotaryEmbedding(config=config).to(self.device)
         self._head_dim = config.hidden_size // config.num_attention_heads
         self._groups = (
             config.num_attention_heads // config.num_kv_heads

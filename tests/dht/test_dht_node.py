@@ -63,31 +63,32 @@ async def test_store_and_get_plain_values(cluster: Cluster) -> None:
 
 
 async def test_subkeys_list_every_server_with_its_own_signed_line(cluster: Cluster) -> None:
-    identities = [KeyPair.generate() for _ in range(4)]
-    for identity in identities:
-        await cluster.add(identity=identity)
-    await cluster.grow(4)
+    await cluster.grow(8)
     expiry = time.time() + HOUR
     for i, node in enumerate(cluster.nodes[:4]):
         await node.store(b"model/M/block/7", b"online %d" % i, expiry + i, subkey=node.peer_id)
     await cluster.nodes[1].store(b"model/M/block/7", b"note", expiry, subkey=b"comment")
     found = await cluster.nodes[7].get(b"model/M/block/7")
     assert isinstance(found, dict)
-    expected = {n.peer_id.to_bytes(): Record(b"online %d" % i, expiry + i) for i, n in
-                enumerate(cluster.nodes[:4])}
+    expected = {
+        n.peer_id.to_bytes(): Record(b"online %d" % i, expiry + i)
+        for i, n in enumerate(cluster.nodes[:4])
+    }
     assert found == {**expected, b"comment": Record(b"note", expiry)}
 
 
 async def test_a_peers_subkey_cannot_be_overwritten_by_another_peer(cluster: Cluster) -> None:
-    await cluster.grow(6)
-    alice, mallory = cluster.nodes[1], cluster.nodes[2]
+    await cluster.grow(5)
+    alice = cluster.nodes[1]
+    mallory_identity = KeyPair.generate()
+    mallory = await cluster.add(identity=mallory_identity)
     expiry = time.time() + HOUR
     await alice.store(b"block/7", b"alice online", expiry, subkey=alice.peer_id)
     with pytest.raises(BadSignature):
         await mallory.store(b"block/7", b"evil", expiry + 10, subkey=alice.peer_id)
     # by hand on the wire: a forged signature and an unsigned entry, sent to every node
     cell = alice.peer_id.to_bytes()
-    forged = sign_entry(mallory._identity, b"block/7", b"evil", expiry + 10, subkey=cell)
+    forged = sign_entry(mallory_identity, b"block/7", b"evil", expiry + 10, subkey=cell)
     unsigned = Entry(b"block/7", cell, b"evil", expiry + 10)
     attacker = await attacker_host(cluster)
     try:
@@ -131,7 +132,6 @@ async def test_forged_replayed_expired_and_oversized_stores_are_refused(cluster:
         "TOO_LARGE": 1,
     }
     assert stats.records == 1
-    assert victim.routing_table is not None
     assert await victim.get(b"k") == {owner.peer_id.to_bytes(): Record(b"v2", now + 2 * HOUR)}
     for missing in (b"e", b"f", b"g"):
         assert await victim.get(missing) is None
@@ -147,7 +147,10 @@ async def test_local_checks_raise_typed_errors_before_sending(cluster: Cluster) 
         await node.store(b"k", b"v", now + 49 * HOUR)
     with pytest.raises(RecordTooLarge):
         await node.store(b"k", b"v" * 70_000, now + HOUR)
-    assert node.stats().requests_sent == cluster.nodes[1].stats().requests_sent
+    sent = node.stats().requests_sent
+    with pytest.raises(RecordExpired):
+        await node.store(b"k", b"v", now - 1)
+    assert node.stats().requests_sent == sent
 
 
 async def test_malformed_requests_are_refused_and_the_node_keeps_serving(cluster) -> None:
@@ -156,9 +159,14 @@ async def test_malformed_requests_are_refused_and_the_node_keeps_serving(cluster
     attacker = await attacker_host(cluster)
     try:
         await attacker.connect(victim.host.addrs[0])
-        for garbage in ([1, 2], {"op": "find_node", "id": b"short"}, {"op": "nope"}, "x",
-                        {"op": "store", "key": b"k", "entries": [[None, b"v"]]},
-                        {"op": "ping", "from": [b"\xff\xff"]}):
+        for garbage in (
+            [1, 2],
+            {"op": "find_node", "id": b"short"},
+            {"op": "nope"},
+            "x",
+            {"op": "store", "key": b"k", "entries": [[None, b"v"]]},
+            {"op": "ping", "from": [b"\xff\xff"]},
+        ):
             reply = await attacker.rpc_call(victim.peer_id, PROTOCOL_ID, garbage)
             assert reply.value["refused"] == RefusalCode.MALFORMED
     finally:
@@ -207,9 +215,9 @@ async def test_find_peers_returns_the_nearest_live_peers(cluster: Cluster) -> No
     found = await cluster.nodes[9].find_peers(target, count=4)
     assert found[0].peer_id == target
     everyone = sorted(cluster.nodes, key=lambda n: node_id(n.peer_id) ^ node_id(target))
-    assert [c.peer_id for c in found] == [
-        n.peer_id for n in everyone if n is not cluster.nodes[9]
-    ][:4]
+    assert [c.peer_id for c in found] == [n.peer_id for n in everyone if n is not cluster.nodes[9]][
+        :4
+    ]
     by_key = await cluster.nodes[2].find_peers(b"some key")
     assert len(by_key) == 11
 
@@ -231,18 +239,25 @@ async def test_found_values_are_cached_on_the_nearest_node_that_lacked_them(
     await cluster.grow(10)
     key = b"popular"
     target = key_id(key)
-    await cluster.nodes[4].store(key, b"v", time.time() + HOUR)
-    holders = [n for n in cluster.nodes if n.stats().records]
-    farthest = max(node_id(n.peer_id) ^ target for n in holders)
-    identity = KeyPair.generate()
-    while node_id(identity.peer_id) ^ target >= farthest:
-        identity = KeyPair.generate()
-    newcomer = await cluster.add(identity=identity)
-    assert newcomer.stats().records == 0
-    readers = [n for n in cluster.nodes if n not in holders and n is not newcomer]
-    for reader in readers:
-        assert (await reader.get(key)).value == b"v"
-    await eventually(lambda: newcomer.stats().records == 1)
+    expiry = time.time() + HOUR
+    await cluster.nodes[4].store(key, b"v", expiry)
+    holders = [n for n in cluster.nodes if n.get_local(key) is not None]
+    nearest = min(node_id(n.peer_id) ^ target for n in holders)
+
+    def nearer_than(distance: int) -> KeyPair:
+        while True:
+            identity = KeyPair.generate()
+            if node_id(identity.peer_id) ^ target < distance:
+                return identity
+
+    # two late joiners nearer to the key than any holder: neither received the record
+    reader_identity = nearer_than(nearest)
+    newcomer = await cluster.add(identity=nearer_than(node_id(reader_identity.peer_id) ^ target))
+    reader = await cluster.add(identity=reader_identity)
+    assert newcomer.get_local(key) is None and reader.get_local(key) is None
+    assert newcomer.peer_id in reader.routing_table
+    assert await reader.get(key) == Record(b"v", expiry)
+    await eventually(lambda: newcomer.get_local(key) == Record(b"v", expiry))
 
 
 async def test_dead_peer_is_replaced_after_a_failed_ping(cluster: Cluster) -> None:
@@ -281,9 +296,8 @@ async def test_records_are_republished_to_the_new_nearest_nodes_and_expire() -> 
         nearest = sorted(cluster.nodes, key=lambda n: node_id(n.peer_id) ^ target)[:3]
         clock.advance(601)
         await writer.maintain()
-        for node in nearest:
-            assert node.routing_table is not None
-            assert await node.get(key) == Record(b"v", clock.now - 601 + 2 * HOUR), node
+        expiry = clock.now - 601 + 2 * HOUR
+        assert [n.get_local(key) for n in nearest] == [Record(b"v", expiry)] * 3
         clock.advance(2 * HOUR)
         for node in cluster.nodes:
             await node.maintain()

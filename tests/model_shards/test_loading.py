@@ -17,11 +17,13 @@ from model_shards import (
     CheckpointError,
     ModelFamily,
     UnknownModelFamily,
+    load_manifest,
     load_model_ends,
     load_span,
     tqdm_progress,
 )
 from model_shards._checkpoint import INDEX_FILE, SINGLE_FILE
+from model_shards._span import load_state
 from model_shards.families import FAMILIES
 from model_shards.families.mixtral import MixtralFamily
 from tests.model_shards.tiny import TinyModel, chain_forward, hf_blocks, make_tiny, prompts
@@ -100,6 +102,8 @@ def test_hub_names_resolve_from_the_local_cache_only(
     span = load_span("tiny-org/tiny-bloom", 0, 2, cache_dir=tmp_path)
     ends = load_model_ends("tiny-org/tiny-bloom", cache_dir=tmp_path)
     assert span.family.model_type == "bloom" and ends.vocab_size == tm.model.config.vocab_size
+    checkpoint = Checkpoint.open("tiny-org/tiny-bloom", cache_dir=tmp_path)
+    assert load_manifest(checkpoint).display_name.startswith("tiny-bloom@")
     with pytest.raises(CheckpointError, match="never downloads"):
         load_span("tiny-org/not-cached", 0, 1, cache_dir=tmp_path)
     with pytest.raises(CheckpointError, match="never downloads"):
@@ -178,6 +182,9 @@ def test_incomplete_or_foreign_checkpoints(
 
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_span(tmp_path, 0, 1)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot be read as a model config"):
+        load_span(tmp_path, 0, 1)
     (tmp_path / "config.json").write_text((source / "config.json").read_text())
     with pytest.raises(CheckpointError, match="safetensors checkpoints only"):
         load_span(tmp_path, 0, 1)
@@ -200,3 +207,36 @@ def test_mixtral_fused_expert_layout_passes_through(tiny: Callable[[str], TinyMo
         "mlp.gate.weight": torch.zeros(4, 32),
     }
     assert family.block_state(dict(fused)) == fused
+
+
+def test_broken_shards_and_indexes(tmp_path: Path) -> None:
+    tm = make_tiny("llama", tmp_path / "sharded", max_shard_size="40KB")
+    checkpoint = Checkpoint.open(tm.path)
+    with pytest.raises(CheckpointError, match="'nope' is not in the checkpoint"):
+        checkpoint.read(["nope"])
+    index = json.loads((tm.path / INDEX_FILE).read_text())["weight_map"]
+    (tm.path / index["model.layers.0.mlp.up_proj.weight"]).write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_span(tm.path, 0, 1)
+    (tm.path / INDEX_FILE).write_text("{")
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        Checkpoint.open(tm.path)
+
+
+def test_descriptions_and_explicit_device(tiny: Callable[[str], TinyModel]) -> None:
+    path = tiny("bloom").path
+    span = load_span(path, 1, 3, device="cpu", quantization="nf4")
+    assert repr(span) == "Span(bloom blocks [1, 3) of 4, float32, nf4, cpu)"
+    ends = load_model_ends(path, device=torch.device("cpu"))
+    assert "bloom, float32, cpu" in repr(ends)
+    assert ends.hidden_size == span.hidden_size == 32
+    assert ends.embedding_norm is not None
+
+
+def test_every_tensor_of_a_block_must_come_from_the_checkpoint() -> None:
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 2)
+        module.register_buffer("scale", torch.ones(2), persistent=False)
+    state = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"no checkpoint tensor for \['scale'\]"):
+        load_state(module, state, what="test block")

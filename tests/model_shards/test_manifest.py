@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from model_shards import (
     Checkpoint,
+    CheckpointError,
     Manifest,
     ManifestMismatch,
     compute_manifest,
@@ -124,3 +125,31 @@ def test_loaders_check_weights_against_the_manifest(
         load_span(tm.path, 0, 1).blocks[0].mlp.dense_4h_to_h.weight,
         tm.model.transformer.h[0].mlp.dense_4h_to_h.weight,
     )
+
+
+def test_manifest_needs_every_block_and_file(tmp_path: Path) -> None:
+    tm = make_tiny("llama", tmp_path / "llama", max_shard_size="40KB")
+    calls: list[tuple[int, int]] = []
+    compute_manifest(Checkpoint.open(tm.path), progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    index_path = tm.path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    (tm.path / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]).unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_manifest(Checkpoint.open(tm.path))
+    index["weight_map"] = {
+        k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.1.")
+    }
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="no tensors for block 1"):
+        compute_manifest(Checkpoint.open(tm.path))
+
+
+def test_any_stored_dtype_hashes(tmp_path: Path, tiny: Callable[[str], TinyModel]) -> None:
+    path = copy_checkpoint(tiny("llama").path, tmp_path / "f64")
+    tensors = load_file(path / SINGLE_FILE)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].double()
+    save_file(tensors, path / SINGLE_FILE)
+    manifest = compute_manifest(Checkpoint.open(path))
+    assert manifest.client_hash != compute_manifest(Checkpoint.open(tiny("llama").path)).client_hash
+    assert load_model_ends(path, manifest=manifest).final_norm.weight.dtype == torch.float32

@@ -157,3 +157,11 @@ def test_falcon_cache_keeps_one_head_per_group(tiny: Callable[[str], TinyModel])
     head_dim = config.hidden_size // config.num_attention_heads
     assert span.cache_bytes(1, 1) == 4 * 2 * config.num_kv_heads * head_dim * 4
     assert config.num_kv_heads < config.num_attention_heads
+
+
+def test_device_out_of_memory_is_cache_full(tiny: Callable[[str], TinyModel]) -> None:
+    span = load_span(tiny("llama").path, 0, 1)
+    pool = CachePool(CacheLimits(max_bytes=2**62, max_length=2**45))
+    with pytest.raises(CacheFull, match="cannot allocate"):
+        span.open_session(pool, batch_size=1, max_length=2**40)
+    assert pool.sessions == 0 and pool.used_bytes == 0

@@ -21,6 +21,7 @@ from p2p import (
     RpcStream,
 )
 from security import KeyPair
+from tests.p2p.helpers import eventually
 from transport._base import Transport
 from transport._limits import MIB
 from transport._multiaddr import Multiaddr
@@ -134,6 +135,7 @@ async def test_peer_vanishing_mid_call(make_real_host: MakeRealHost) -> None:
     with pytest.raises((ConnectionLost, RpcCancelled)):
         await call
     assert loop.time() - start < 5
+    await eventually(lambda: a.connected_peers() == [], timeout=30)
 
 
 async def test_tcp_preferred_when_a_peer_has_both() -> None:

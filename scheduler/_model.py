@@ -1,0 +1,231 @@
+"""The scheduler's model of the world: servers and a snapshot of one model's swarm.
+
+Units, once and for all:
+
+* Blocks are numbered ``0 .. num_blocks - 1``; a span is half-open, ``[start, end)``.
+* ``throughput`` is in **block-tokens per second**: how many tokens per second the
+  server pushes through *one* of its blocks (compute measured on one block, capped by
+  what its network can carry). A hop of ``k`` blocks over ``T`` tokens therefore takes
+  ``k * T / throughput`` seconds, and the server adds its whole ``throughput`` to the
+  per-block throughput of every block it serves.
+* Round-trip times are in seconds.
+
+A snapshot keeps its servers sorted by peer id, so that two servers that see the same
+announcements compute bit-identical sums and take identical decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from types import MappingProxyType
+
+from ._errors import InvalidSnapshot, UnknownServer
+
+PeerKey = str | bytes
+"""A server's identity: opaque to the scheduler (``str(peer_id)`` or ``peer_id.to_bytes()``)."""
+
+
+def peer_order(peer_id: PeerKey) -> tuple[bytes, int]:
+    """The total order of peer ids used for every deterministic tie-break."""
+    if isinstance(peer_id, str):
+        return peer_id.encode(), 0
+    return bytes(peer_id), 1
+
+
+class ServerState(StrEnum):
+    """Where a server is in its life, as it announces it."""
+
+    JOINING = "joining"
+    """Loading its span: counted by placement (the blocks are taken), not routed to."""
+    ONLINE = "online"
+    """Serving its span."""
+    OFFLINE = "offline"
+    """Announced leaving: ignored by every decision."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """One server of a model's swarm, as announced (and, for ``rtts``, as measured)."""
+
+    peer_id: PeerKey
+    start: int
+    """First block served."""
+    end: int
+    """One past the last block served."""
+    throughput: float
+    """Block-tokens per second (see the module docstring); 0 means unknown or unusable."""
+    state: ServerState = ServerState.ONLINE
+    cache_tokens_left: int | None = None
+    """Tokens of attention cache the server can still give one new session over its
+    whole span; None when not announced (routing then assumes room)."""
+    quantization: str = "none"
+    """How the span stores its weights: ``none``, ``int8``, ``nf4``."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the span."""
+    rtts: Mapping[PeerKey, float] = field(default_factory=dict, hash=False)
+    """Round trips (s) this server measured to other servers, by peer id."""
+    reputation: float = 1.0
+    """Trust in [0, 1]; scales the traffic batch routing sends here; 0 is never routed to."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.peer_id, str | bytes) or not self.peer_id:
+            raise InvalidSnapshot(f"server peer_id {self.peer_id!r} must be a non-empty str/bytes")
+        if not (0 <= self.start < self.end):
+            raise InvalidSnapshot(
+                f"server {self.peer_id!r} has span [{self.start}, {self.end}): "
+                "need 0 <= start < end"
+            )
+        if not (math.isfinite(self.throughput) and self.throughput >= 0):
+            raise InvalidSnapshot(
+                f"server {self.peer_id!r} has throughput {self.throughput}: need finite >= 0"
+            )
+        if not 0.0 <= self.reputation <= 1.0:
+            raise InvalidSnapshot(
+                f"server {self.peer_id!r} has reputation {self.reputation}: need 0 <= r <= 1"
+            )
+        if self.cache_tokens_left is not None and self.cache_tokens_left < 0:
+            raise InvalidSnapshot(
+                f"server {self.peer_id!r} has cache_tokens_left {self.cache_tokens_left} < 0"
+            )
+        object.__setattr__(self, "state", ServerState(self.state))
+        rtts = dict(self.rtts)
+        for peer, rtt in rtts.items():
+            if not (math.isfinite(rtt) and rtt >= 0):
+                raise InvalidSnapshot(
+                    f"server {self.peer_id!r} reports RTT {rtt} to {peer!r}: need finite >= 0"
+                )
+        object.__setattr__(self, "rtts", MappingProxyType(rtts))
+
+    @property
+    def length(self) -> int:
+        """Number of blocks served."""
+        return self.end - self.start
+
+    def covers(self, block: int) -> bool:
+        """Whether ``block`` is in this server's span."""
+        return self.start <= block < self.end
+
+    def with_span(self, start: int, end: int) -> ServerInfo:
+        """This server serving ``[start, end)`` instead."""
+        return replace(self, start=start, end=end)
+
+
+def _check_num_blocks(num_blocks: int) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise InvalidSnapshot(f"num_blocks={num_blocks!r} must be an int >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSnapshot:
+    """The servers of one model's swarm at one moment; servers kept sorted by peer id."""
+
+    num_blocks: int
+    servers: tuple[ServerInfo, ...] = ()
+    _index: Mapping[PeerKey, ServerInfo] = field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        _check_num_blocks(self.num_blocks)
+        ordered = tuple(sorted(self.servers, key=lambda s: peer_order(s.peer_id)))
+        index: dict[PeerKey, ServerInfo] = {}
+        for server in ordered:
+            if not isinstance(server, ServerInfo):
+                raise InvalidSnapshot(f"{server!r} is not a ServerInfo")
+            if server.peer_id in index:
+                raise InvalidSnapshot(f"server {server.peer_id!r} appears twice in the snapshot")
+            if server.end > self.num_blocks:
+                raise InvalidSnapshot(
+                    f"server {server.peer_id!r} serves [{server.start}, {server.end}) "
+                    f"but the model has {self.num_blocks} blocks"
+                )
+            index[server.peer_id] = server
+        object.__setattr__(self, "servers", ordered)
+        object.__setattr__(self, "_index", MappingProxyType(index))
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._index
+
+    def __iter__(self) -> Iterator[ServerInfo]:
+        return iter(self.servers)
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def server(self, peer_id: PeerKey) -> ServerInfo:
+        """The server with this peer id; ``UnknownServer`` if absent."""
+        try:
+            return self._index[peer_id]
+        except KeyError:
+            raise UnknownServer(peer_id) from None
+
+    def with_server(self, server: ServerInfo) -> SwarmSnapshot:
+        """This snapshot with ``server`` added, or replacing the one of the same peer id."""
+        others = (s for s in self.servers if s.peer_id != server.peer_id)
+        return SwarmSnapshot(self.num_blocks, (*others, server))
+
+    def without(self, peer_id: PeerKey) -> SwarmSnapshot:
+        """This snapshot without that server (unchanged if absent)."""
+        return SwarmSnapshot(self.num_blocks, tuple(s for s in self.servers if s.peer_id != peer_id))
+
+    def where(self, keep: Callable[[ServerInfo], bool]) -> SwarmSnapshot:
+        """The servers ``keep`` accepts (e.g. one quantization or dtype)."""
+        return SwarmSnapshot(self.num_blocks, tuple(s for s in self.servers if keep(s)))
+
+    def block_throughputs(self, *, include_joining: bool = False) -> tuple[float, ...]:
+        """Per-block throughput: the summed throughput of the online servers on each block.
+
+        ``include_joining=True`` adds the servers still loading their span: placement and
+        rebalancing count them (their blocks are taken), routing does not.
+        """
+        states = _CAPACITY_STATES if include_joining else _ONLINE
+        return tuple(capacity(self.num_blocks, (s for s in self.servers if s.state in states)))
+
+    def min_throughput(self, *, include_joining: bool = False) -> float:
+        """The swarm's weakest per-block throughput (0 while a block is uncovered)."""
+        return min(self.block_throughputs(include_joining=include_joining))
+
+    def uncovered_blocks(self, *, include_joining: bool = False) -> tuple[int, ...]:
+        """Blocks no online (optionally: or joining) server serves."""
+        states = _CAPACITY_STATES if include_joining else _ONLINE
+        counts = coverage(self.num_blocks, (s for s in self.servers if s.state in states))
+        return tuple(b for b, count in enumerate(counts) if count == 0)
+
+    def upper_bound(self) -> float:
+        """A ceiling on the minimum per-block throughput any placement of these servers
+        reaches: their block-throughput summed over their spans, spread evenly over the
+        blocks, ``sum(throughput * length) / num_blocks`` (online and joining servers).
+        The minimum is at most the mean, and the mean does not depend on placement."""
+        active = (s for s in self.servers if s.state in _CAPACITY_STATES)
+        return sum(s.throughput * s.length for s in active) / self.num_blocks
+
+
+_ONLINE = frozenset({ServerState.ONLINE})
+_CAPACITY_STATES = frozenset({ServerState.ONLINE, ServerState.JOINING})
+
+
+def is_active(server: ServerInfo) -> bool:
+    """Online or joining: the server holds (or is loading) its span."""
+    return server.state in _CAPACITY_STATES
+
+
+def capacity(num_blocks: int, servers: Iterable[ServerInfo]) -> list[float]:
+    """Summed throughput per block of ``servers``, added in the order given."""
+    totals = [0.0] * num_blocks
+    for server in servers:
+        t = server.throughput
+        for block in range(server.start, server.end):
+            totals[block] += t
+    return totals
+
+
+def coverage(num_blocks: int, servers: Iterable[ServerInfo]) -> list[int]:
+    """How many of ``servers`` serve each block."""
+    counts = [0] * num_blocks
+    for server in servers:
+        for block in range(server.start, server.end):
+            counts[block] += 1
+    return counts

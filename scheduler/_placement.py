@@ -1,0 +1,51 @@
+"""Which blocks a joining server takes (``join --blocks auto``).
+
+The swarm is as fast as its weakest block, so a new server goes where it raises the
+weakest per-block throughput the most. Ties are frequent (every window that misses the
+weakest block leaves the minimum where it is), so the choice is *leximin*: among the
+windows, take the one whose resulting per-block throughputs, sorted ascending, are the
+largest lexicographically: first the minimum, then the second-weakest block, and so on.
+A server of unknown throughput (0) changes nothing that way; it takes the neediest
+window (smallest sorted throughputs inside it). Remaining ties go to the lowest start.
+Online and joining servers count: a joining server's blocks are taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._errors import SchedulerConfigError
+from ._model import SwarmSnapshot, capacity, is_active
+
+
+def choose_span(
+    snapshot: SwarmSnapshot, num_blocks_to_serve: int, throughput: float
+) -> tuple[int, int]:
+    """The span ``(start, end)`` of ``num_blocks_to_serve`` blocks a new server should take.
+
+    ``throughput`` is the new server's, in block-tokens per second. The snapshot should
+    not hold the new server itself (``snapshot.without(me)`` if it may). A server that can
+    hold every block gets ``(0, num_blocks)``.
+    """
+    if isinstance(num_blocks_to_serve, bool) or num_blocks_to_serve < 1:
+        raise SchedulerConfigError(f"num_blocks_to_serve={num_blocks_to_serve!r} must be >= 1")
+    if not throughput >= 0:
+        raise SchedulerConfigError(f"throughput={throughput!r} must be >= 0")
+    n = snapshot.num_blocks
+    length = min(num_blocks_to_serve, n)
+    caps = capacity(n, (s for s in snapshot.servers if is_active(s)))
+    start = best_start(caps, length, throughput)
+    return start, start + length
+
+
+def best_start(caps: Sequence[float], length: int, throughput: float) -> int:
+    """The leximin-best start of a ``length``-block window adding ``throughput``."""
+    best = -1
+    best_key: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
+    for start in range(len(caps) - length + 1):
+        inside = caps[start : start + length]
+        after = [*caps[:start], *(c + throughput for c in inside), *caps[start + length :]]
+        key = (tuple(sorted(after)), tuple(-c for c in sorted(inside)))
+        if best < 0 or key > best_key:
+            best, best_key = start, key
+    return best

@@ -1,0 +1,215 @@
+"""When a server should move to other blocks (periodic rebalancing).
+
+Every server checks now and then (``next_check_at``: a jittered period) and asks
+``should_move(snapshot, me)``. All servers answer from the same deterministic plan:
+
+1. ``plan_rebalance`` computes, from the snapshot alone, a greedy sequence of moves.
+   Each step takes the weakest block (lowest index on ties), the neediest window of each
+   span length that contains it (smallest sorted throughputs inside), and among the
+   online servers not yet moved by this plan and not on that block, the one whose move
+   leaves the changed blocks strongest (the least of: the blocks it leaves, minus its
+   throughput; the blocks it joins, plus it). A move must lift every changed block above
+   the current minimum, and may leave no block it drops without another server (joining
+   servers count here: they will serve). Ties go to the move that changes fewer blocks,
+   then to the lower peer id. The plan stops when no such move remains, or after
+   ``SchedulerSettings.max_plan_moves`` moves.
+2. The plan is carried out only if it raises the minimum per-block throughput by more
+   than ``quality_threshold`` (1.15x by default), or covers a block nobody serves.
+   A swarm whose mean per-block throughput (``SwarmSnapshot.upper_bound``) is already
+   within the threshold of its minimum has no plan worth carrying out, and none is
+   computed.
+3. A server moves iff the plan moves it, and only while every block it drops has
+   another *online* server right now: a server never uncovers a block, not even while
+   others are still loading theirs (it waits for the next check).
+
+Herds (several servers jumping into the same gap) are avoided by this deterministic
+priority: every server runs the same plan on the same announcements, so a gap that one
+server fills is given to exactly that server, and the others see it filled. A server
+that moved announces itself as joining while it loads, which counts for placement, so
+a later check, plan or join sees the gap as filled; a joining server is never picked to
+move again before it is online. Servers whose views differ (announcements still in
+flight) may disagree; the jitter of the checks spreads them out in time so that one's
+move reaches the others' view before they check again.
+
+A move returns the new span; the caller reloads only the blocks that change.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._model import (
+    PeerKey,
+    ServerState,
+    SwarmSnapshot,
+    capacity,
+    coverage,
+    is_active,
+)
+from ._settings import DEFAULT_SETTINGS, SchedulerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class MoveDecision:
+    """Move ``peer_id`` from ``[from_start, from_end)`` to ``[start, end)``."""
+
+    peer_id: PeerKey
+    from_start: int
+    from_end: int
+    start: int
+    end: int
+    min_before: float
+    """The swarm's minimum per-block throughput now (online and joining servers)."""
+    min_after: float
+    """The minimum once the whole plan this move belongs to is carried out."""
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The new span."""
+        return self.start, self.end
+
+    @property
+    def from_span(self) -> tuple[int, int]:
+        """The span served before the move."""
+        return self.from_start, self.from_end
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePlan:
+    """The moves the swarm should make, in order (empty when it is balanced enough)."""
+
+    moves: tuple[MoveDecision, ...]
+    min_before: float
+    """The minimum per-block throughput now (online and joining servers)."""
+    min_after: float
+    """The minimum once every move is made (``min_before`` when there are none)."""
+    upper_bound: float
+    """``SwarmSnapshot.upper_bound()``: no placement has a higher minimum."""
+
+    def decision_for(self, snapshot: SwarmSnapshot, peer_id: PeerKey) -> MoveDecision | None:
+        """The move of ``peer_id`` in this plan, if it is safe in ``snapshot`` right now.
+
+        ``snapshot`` must be the one the plan was computed from. The move is withheld
+        (None) while a block it drops has no other online server.
+        """
+        me = snapshot.server(peer_id)
+        move = next((m for m in self.moves if m.peer_id == peer_id), None)
+        if move is None or me.state is not ServerState.ONLINE:
+            return None
+        dropped = [b for b in range(me.start, me.end) if not move.start <= b < move.end]
+        for block in dropped:
+            if not any(
+                s.state is ServerState.ONLINE and s.covers(block) and s.peer_id != peer_id
+                for s in snapshot.servers
+            ):
+                return None
+        return move
+
+
+def plan_rebalance(
+    snapshot: SwarmSnapshot, settings: SchedulerSettings = DEFAULT_SETTINGS
+) -> RebalancePlan:
+    """The rebalancing plan of the swarm (see the module docstring for the rule)."""
+    n = snapshot.num_blocks
+    active = [s for s in snapshot.servers if is_active(s)]
+    caps = capacity(n, active)
+    counts = coverage(n, active)
+    before = min(caps)
+    bound = snapshot.upper_bound()
+    idle = RebalancePlan((), before, before, bound)
+    if not _worth(bound, before, settings.quality_threshold):
+        return idle
+    movers = [
+        (s.peer_id, s.start, s.length, s.throughput)
+        for s in active
+        if s.state is ServerState.ONLINE and s.length < n and s.throughput > 0
+    ]
+    planned: list[tuple[PeerKey, int, int, int]] = []
+    while len(planned) < settings.max_plan_moves:
+        step = _best_move(caps, counts, movers)
+        if step is None:
+            break
+        index, target = step
+        peer, start, length, throughput = movers.pop(index)
+        for block in range(start, start + length):
+            caps[block] -= throughput
+            counts[block] -= 1
+        for block in range(target, target + length):
+            caps[block] += throughput
+            counts[block] += 1
+        planned.append((peer, start, target, length))
+    after = min(caps)
+    if not _worth(after, before, settings.quality_threshold):
+        return idle
+    moves = tuple(
+        MoveDecision(peer, start, start + length, target, target + length, before, after)
+        for peer, start, target, length in planned
+    )
+    return RebalancePlan(moves, before, after, bound)
+
+
+def should_move(
+    snapshot: SwarmSnapshot, me: PeerKey, settings: SchedulerSettings = DEFAULT_SETTINGS
+) -> MoveDecision | None:
+    """Whether server ``me`` should move now, and where to; None to stay.
+
+    ``plan_rebalance(snapshot, settings).decision_for(snapshot, me)``; raises
+    ``UnknownServer`` if ``me`` is not in the snapshot.
+    """
+    snapshot.server(me)
+    return plan_rebalance(snapshot, settings).decision_for(snapshot, me)
+
+
+def next_check_at(
+    now: float, rng: random.Random, settings: SchedulerSettings = DEFAULT_SETTINGS
+) -> float:
+    """When to run the next rebalancing check: ``now`` plus a jittered period."""
+    spread = settings.rebalance_jitter * (2.0 * rng.random() - 1.0)
+    return now + settings.rebalance_period_s * (1.0 + spread)
+
+
+def _worth(after: float, before: float, threshold: float) -> bool:
+    """Whether going from a minimum of ``before`` to ``after`` beats the threshold."""
+    if before <= 0.0:
+        return after > 0.0
+    return after > threshold * before
+
+
+def _neediest_start(caps: Sequence[float], length: int, block: int) -> int:
+    """Start of the window of ``length`` blocks holding ``block`` with the weakest blocks."""
+    first = max(0, block - length + 1)
+    last = min(block, len(caps) - length)
+    return min(range(first, last + 1), key=lambda w: (sorted(caps[w : w + length]), w))
+
+
+def _best_move(
+    caps: list[float],
+    counts: list[int],
+    movers: list[tuple[PeerKey, int, int, float]],
+) -> tuple[int, int] | None:
+    """The greedy step: (index in ``movers``, new start), or None when nothing helps."""
+    low = min(caps)
+    weakest = caps.index(low)
+    targets: dict[int, int] = {}
+    best: tuple[int, int] | None = None
+    best_key = (low, 0)
+    for index, (_, start, length, throughput) in enumerate(movers):
+        end = start + length
+        if start <= weakest < end:
+            continue
+        target = targets.get(length)
+        if target is None:
+            target = targets[length] = _neediest_start(caps, length, weakest)
+        if target > start:
+            lose_lo, lose_hi, gain_lo, gain_hi = start, min(end, target), max(target, end), target + length
+        else:
+            lose_lo, lose_hi, gain_lo, gain_hi = max(start, target + length), end, target, min(target + length, start)
+        if min(counts[lose_lo:lose_hi]) < 2:
+            continue
+        value = min(min(caps[lose_lo:lose_hi]) - throughput, min(caps[gain_lo:gain_hi]) + throughput)
+        key = (value, lose_lo - lose_hi)
+        if key > best_key:
+            best, best_key = (index, target), key
+    return best
