@@ -306,6 +306,7 @@ class DHT:
         request: Request = FindValue(key) if key is not None else FindNode(target)
         pending: dict[asyncio.Task[Reply | None], Contact] = {}
         found: list[Entry] = []
+        finished = False
         try:
             while True:
                 for contact in lookup.next_queries(loop.time()):
@@ -328,10 +329,19 @@ class DHT:
                     found.extend(valid)
                     lookup.on_reply(peer, reply.peers, now, found=bool(valid))
                 lookup.handle_timer(loop.time())
+            finished = True
         finally:
+            # Requests still out (stalled ones) run to their end in the background, so
+            # that a dead peer's failure reaches the routing table; if the lookup
+            # itself was cancelled, they are cancelled with it.
             for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                if finished:
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+                else:
+                    task.cancel()
+            if not finished:
+                await asyncio.gather(*pending, return_exceptions=True)
         table.touch(target, self._clock())
         self.last_lookup = LookupReport(lookup.hops, lookup.queries_sent)
         return lookup, found

@@ -146,8 +146,7 @@ class SessionCache:
         block = layer_idx - self._first_block
         start = self.length
         end = start + key_states.shape[-2]
-        keys, values = self.keys[block], self.values[block]
-        keys[:, :, start:end] = self._family.to_cache(key_states)
-        values[:, :, start:end] = self._family.to_cache(value_states)
-        family = self._family
+        keys, values, family = self.keys[block], self.values[block], self._family
+        keys[:, :, start:end] = family.to_cache(key_states)
+        values[:, :, start:end] = family.to_cache(value_states)
         return family.from_cache(keys[:, :, :end]), family.from_cache(values[:, :, :end])

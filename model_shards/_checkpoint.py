@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from ._errors import CheckpointError
@@ -139,3 +140,25 @@ def _tensor_files(path: Path) -> dict[str, str]:
         f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
         "Swarm reads safetensors checkpoints only"
     )
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Assign checkpoint tensors to a module built on the meta device (CheckpointError: no fit)."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        problems = [
+            f"{kind} {names[:5]}"
+            for kind, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        ]
+        raise CheckpointError(
+            f"{what}: checkpoint tensors do not match the layer: {', '.join(problems)}"
+        )
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what}: checkpoint tensors do not fit the layer: {e}") from e
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{what}: no checkpoint tensor for {leftover[:5]}")

@@ -11,11 +11,10 @@ import os
 import torch
 from torch import nn
 
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, assign_state
 from ._dtypes import compute_dtype, dtype_name, resolve_device
 from ._errors import CheckpointError, ManifestMismatch
 from ._manifest import Manifest, client_names, hash_tensors
-from ._span import load_state
 from .families import ModelFamily, family_for
 
 
@@ -123,7 +122,7 @@ def load_model_ends(
             for n, t in tensors.items()
             if n.startswith(prefix + ".")
         }
-        load_state(module, state, what=prefix)
+        assign_state(module, state, what=prefix)
     if tied:
         parts.lm_head.weight = parts.embeddings.weight
     ends = ModelEnds(

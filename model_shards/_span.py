@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from ._cache import CachePool, CacheReservation, SessionCache, cache_bytes
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, assign_state
 from ._dtypes import compute_dtype, dtype_name, resolve_device
 from ._errors import (
     BadRequest,
     CacheFull,
-    CheckpointError,
     InvalidShape,
     ManifestMismatch,
     SessionClosed,
@@ -408,31 +407,9 @@ def _build_block(
     with torch.device("meta"):
         block = family.build_block(index)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-    load_state(block, state, what=f"block {index}")
+    assign_state(block, state, what=f"block {index}")
     quantize_linears(block, quantization, dtype, device=device)
     block = block.to(device)
     block.eval()
     block.requires_grad_(False)
     return block
-
-
-def load_state(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
-    """Assign checkpoint tensors to a module built on the meta device (CheckpointError: no fit)."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        problems = [
-            f"{kind} {names[:5]}"
-            for kind, names in (("missing", missing), ("unexpected", unexpected))
-            if names
-        ]
-        raise CheckpointError(
-            f"{what}: checkpoint tensors do not match the layer: {', '.join(problems)}"
-        )
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{what}: checkpoint tensors do not fit the layer: {e}") from e
-    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if leftover:
-        raise CheckpointError(f"{what}: no checkpoint tensor for {leftover[:5]}")

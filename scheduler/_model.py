@@ -16,6 +16,7 @@ announcements compute bit-identical sums and take identical decisions.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -213,7 +214,7 @@ def is_active(server: ServerInfo) -> bool:
 
 
 def capacity(num_blocks: int, servers: Iterable[ServerInfo]) -> list[float]:
-    """Summed throughput per block of ``servers``, added in the order given."""
+    """Summed throughput per block of ``servers``, each added in the order given."""
     totals = [0.0] * num_blocks
     for server in servers:
         t = server.throughput
@@ -224,8 +225,8 @@ def capacity(num_blocks: int, servers: Iterable[ServerInfo]) -> list[float]:
 
 def coverage(num_blocks: int, servers: Iterable[ServerInfo]) -> list[int]:
     """How many of ``servers`` serve each block."""
-    counts = [0] * num_blocks
+    delta = [0] * (num_blocks + 1)
     for server in servers:
-        for block in range(server.start, server.end):
-            counts[block] += 1
-    return counts
+        delta[server.start] += 1
+        delta[server.end] -= 1
+    return list(itertools.accumulate(delta[:-1]))

@@ -36,9 +36,12 @@ A move returns the new span; the caller reloads only the blocks that change.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._model import (
     PeerKey,
@@ -121,31 +124,35 @@ def plan_rebalance(
     idle = RebalancePlan((), before, before, bound)
     if not _worth(bound, before, settings.quality_threshold):
         return idle
-    movers = [
-        (s.peer_id, s.start, s.length, s.throughput)
-        for s in active
-        if s.state is ServerState.ONLINE and s.length < n and s.throughput > 0
-    ]
-    planned: list[tuple[PeerKey, int, int, int]] = []
+    movers = sorted(
+        (
+            _Mover(-s.throughput, rank, s.peer_id, s.start, s.length, s.throughput)
+            for rank, s in enumerate(active)
+            if s.state is ServerState.ONLINE and s.length < n and s.throughput > 0
+        ),
+    )
+    planned: list[tuple[_Mover, int]] = []
     while len(planned) < settings.max_plan_moves:
         step = _best_move(caps, counts, movers)
         if step is None:
             break
         index, target = step
-        peer, start, length, throughput = movers.pop(index)
-        for block in range(start, start + length):
-            caps[block] -= throughput
+        mover = movers.pop(index)
+        for block in range(mover.start, mover.start + mover.length):
+            caps[block] -= mover.throughput
             counts[block] -= 1
-        for block in range(target, target + length):
-            caps[block] += throughput
+        for block in range(target, target + mover.length):
+            caps[block] += mover.throughput
             counts[block] += 1
-        planned.append((peer, start, target, length))
+        planned.append((mover, target))
     after = min(caps)
     if not _worth(after, before, settings.quality_threshold):
         return idle
     moves = tuple(
-        MoveDecision(peer, start, start + length, target, target + length, before, after)
-        for peer, start, target, length in planned
+        MoveDecision(
+            m.peer_id, m.start, m.start + m.length, target, target + m.length, before, after
+        )
+        for m, target in planned
     )
     return RebalancePlan(moves, before, after, bound)
 
@@ -177,39 +184,71 @@ def _worth(after: float, before: float, threshold: float) -> bool:
     return after > threshold * before
 
 
-def _neediest_start(caps: Sequence[float], length: int, block: int) -> int:
-    """Start of the window of ``length`` blocks holding ``block`` with the weakest blocks."""
+def _neediest_start(sums: Sequence[float], length: int, block: int) -> int:
+    """Start of the window of ``length`` blocks holding ``block`` with the least total
+    throughput (``sums`` are prefix sums of the per-block throughputs)."""
     first = max(0, block - length + 1)
-    last = min(block, len(caps) - length)
-    return min(range(first, last + 1), key=lambda w: (sorted(caps[w : w + length]), w))
+    last = min(block, len(sums) - 1 - length)
+    return min(range(first, last + 1), key=lambda w: (sums[w + length] - sums[w], w))
+
+
+class _Mover(NamedTuple):
+    """An online server the plan may move; sorts by throughput, largest first."""
+
+    neg_throughput: float
+    rank: int
+    peer_id: PeerKey
+    start: int
+    length: int
+    throughput: float
 
 
 def _best_move(
-    caps: list[float],
-    counts: list[int],
-    movers: list[tuple[PeerKey, int, int, float]],
+    caps: list[float], counts: list[int], movers: list[_Mover]
 ) -> tuple[int, int] | None:
-    """The greedy step: (index in ``movers``, new start), or None when nothing helps."""
+    """The greedy step: (index in ``movers``, new start), or None when nothing helps.
+
+    A server moving into a window that holds the weakest block ``low`` is worth
+    ``min(lost - t, low + t)``, where ``t`` is its throughput and ``lost`` the weakest of
+    the blocks it drops. Two windows are tried per server: the smallest shift of its span
+    that reaches the weakest block (it drops the fewest blocks, so its ``lost`` is the
+    highest) and the neediest window of its length around that block (the least total
+    throughput). A move is worth at most ``low + t``, and more than ``low`` only if
+    ``t < max(caps) - low``: ``movers`` (largest throughput first) is scanned from the
+    first server under that ceiling, and the scan stops once ``low + t`` cannot beat the
+    best move found.
+    """
+    n = len(caps)
     low = min(caps)
     weakest = caps.index(low)
-    targets: dict[int, int] = {}
+    ceiling = max(caps) - low
+    first = bisect.bisect_right(movers, -ceiling, key=lambda m: m.neg_throughput)
+    sums = [0.0, *itertools.accumulate(caps)]
+    needy: dict[int, int] = {}
     best: tuple[int, int] | None = None
-    best_key = (low, 0)
-    for index, (_, start, length, throughput) in enumerate(movers):
+    best_key: tuple[float, int, int] = (low, 0, 0)
+    for index in range(first, len(movers)):
+        mover = movers[index]
+        throughput = mover.throughput
+        if low + throughput < best_key[0]:
+            break
+        start, length = mover.start, mover.length
         end = start + length
         if start <= weakest < end:
             continue
-        target = targets.get(length)
+        target = needy.get(length)
         if target is None:
-            target = targets[length] = _neediest_start(caps, length, weakest)
-        if target > start:
-            lose_lo, lose_hi, gain_lo, gain_hi = start, min(end, target), max(target, end), target + length
-        else:
-            lose_lo, lose_hi, gain_lo, gain_hi = max(start, target + length), end, target, min(target + length, start)
-        if min(counts[lose_lo:lose_hi]) < 2:
-            continue
-        value = min(min(caps[lose_lo:lose_hi]) - throughput, min(caps[gain_lo:gain_hi]) + throughput)
-        key = (value, lose_lo - lose_hi)
-        if key > best_key:
-            best, best_key = (index, target), key
+            target = needy[length] = _neediest_start(sums, length, weakest)
+        shift = weakest - length + 1 if weakest >= end else weakest
+        for candidate in (target, min(max(shift, 0), n - length)):
+            if candidate > start:
+                lose_lo, lose_hi = start, min(end, candidate)
+            else:
+                lose_lo, lose_hi = max(start, candidate + length), end
+            if min(counts[lose_lo:lose_hi]) < 2:
+                continue
+            value = min(min(caps[lose_lo:lose_hi]) - throughput, low + throughput)
+            key = (value, lose_lo - lose_hi, -mover.rank)
+            if key > best_key:
+                best, best_key = (index, candidate), key
     return best

@@ -35,42 +35,42 @@ from ._quic import QuicTransport
 from ._tcp import TcpTransport
 
 __all__ = [
+    # implementations
+    "DEFAULT_HUB",
     # contracts
     "ByteStream",
     "Connection",
-    "ConnectionHandler",
-    "Listener",
-    "Stream",
-    "Transport",
-    # implementations
-    "DEFAULT_HUB",
-    "MemoryHub",
-    "MemoryTransport",
-    "QuicTransport",
-    "TcpTransport",
-    # addresses and negotiation
-    "Multiaddr",
-    "handle_protocols",
-    "select_protocol",
-    # limits
-    "MemoryLimits",
-    "MultistreamLimits",
-    "QuicLimits",
-    "TcpLimits",
-    "TransportLimits",
-    "YamuxLimits",
     # errors
     "ConnectionClosed",
+    "ConnectionHandler",
     "DialError",
     "HandshakeError",
     "LimitExceeded",
+    "Listener",
+    "MemoryHub",
+    # limits
+    "MemoryLimits",
+    "MemoryTransport",
+    # addresses and negotiation
+    "Multiaddr",
     "MultiaddrError",
+    "MultistreamLimits",
     "PeerIdMismatch",
+    "QuicLimits",
+    "QuicTransport",
     "RemoteProtocolError",
+    "Stream",
     "StreamClosed",
     "StreamError",
     "StreamReset",
+    "TcpLimits",
+    "TcpTransport",
+    "Transport",
     "TransportError",
+    "TransportLimits",
+    "YamuxLimits",
+    "handle_protocols",
+    "select_protocol",
 ]
 
 for _name in __all__:

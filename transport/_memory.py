@@ -429,7 +429,7 @@ class MemoryTransport:
         addr: Multiaddr,
         expected_peer: PeerId | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - Transport.dial's signature
+        timeout: float | None = None,
     ) -> MemoryConnection:
         """Connect to the listener at ``addr``; ``timeout`` is accepted but never needed.
 

@@ -37,8 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from security import InvalidPeerId, PeerId
-from security import b58decode, b58encode
+from security import InvalidPeerId, PeerId, b58decode, b58encode
 
 from ._errors import MultiaddrError, RemoteProtocolError
 from ._varint import decode_uvarint, encode_uvarint

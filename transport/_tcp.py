@@ -297,7 +297,7 @@ class TcpTransport:
         addr: Multiaddr,
         expected_peer: PeerId | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - the Transport contract
+        timeout: float | None = None,
     ) -> YamuxConnection:
         """Connect to ``addr`` and authenticate the remote.
 

@@ -22,8 +22,7 @@ from model_shards import (
     load_span,
     tqdm_progress,
 )
-from model_shards._checkpoint import INDEX_FILE, SINGLE_FILE
-from model_shards._span import load_state
+from model_shards._checkpoint import INDEX_FILE, SINGLE_FILE, assign_state
 from model_shards.families import FAMILIES
 from model_shards.families.mixtral import MixtralFamily
 from tests.model_shards.tiny import TinyModel, chain_forward, hf_blocks, make_tiny, prompts
@@ -239,4 +238,4 @@ def test_every_tensor_of_a_block_must_come_from_the_checkpoint() -> None:
         module.register_buffer("scale", torch.ones(2), persistent=False)
     state = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
     with pytest.raises(CheckpointError, match=r"no checkpoint tensor for \['scale'\]"):
-        load_state(module, state, what="test block")
+        assign_state(module, state, what="test block")
