@@ -4,7 +4,7 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench demo clean
+.PHONY: install netlab-tools test lint format bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The network-namespace lab (tests/netlab) needs root, iproute2 and iptables; without
+# them those tests skip and say why.
+netlab-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v iptables >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iptables >/dev/null || \
+		echo "iptables could not be installed: the netns tests will skip"; fi
+
+test: $(STAMP) netlab-tools
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -13,7 +13,8 @@ busy 2-core machine. Per configuration:
 * set-up: median time to open one new authenticated connection (Swarm: ``Transport.dial``,
   with the libp2p certificate check; TCP: multistream, TLS 1.3, multistream, yamux);
 * round trip: median of ``round_trips`` (>= 500) exchanges of 64-byte messages on an
-  open connection, after a 5% warm-up. Raw and py-libp2p: echo on one open stream.
+  open connection, after a 5% warm-up ("RTT CPU": mean CPU time of the process per
+  exchange, both ends). Raw and py-libp2p: echo on one open stream.
   Swarm: ``Host.rpc_call`` (a new stream per call, lazily negotiated, framed), and, in
   the "stream RTT" column, echo on one open Host stream;
 * bulk (and "MiB/CPU-s": bytes per CPU-second of the process, both ends, one stream):
@@ -137,6 +138,7 @@ class Result:
     name: str
     connect_s: float | None = None
     rtt_s: float | None = None
+    rtt_cpu_s: float | None = None
     stream_rtt_s: float | None = None
     bulk_bps: dict[int, float] = field(default_factory=dict)
     bulk_cpu_bps: dict[int, float] = field(default_factory=dict)
@@ -147,6 +149,7 @@ class Result:
         """Keep the best of two rounds: fastest set-up and round trips, highest bulk."""
         self.connect_s = best(min, self.connect_s, other.connect_s)
         self.rtt_s = best(min, self.rtt_s, other.rtt_s)
+        self.rtt_cpu_s = best(min, self.rtt_cpu_s, other.rtt_cpu_s)
         self.stream_rtt_s = best(min, self.stream_rtt_s, other.stream_rtt_s)
         for streams, bps in other.bulk_bps.items():
             if bps > self.bulk_bps.get(streams, 0.0):
@@ -160,6 +163,7 @@ class Result:
         return {
             "connect_s": self.connect_s,
             "rtt_s": self.rtt_s,
+            "rtt_cpu_s": self.rtt_cpu_s,
             "stream_rtt_s": self.stream_rtt_s,
             "bulk_mib_s": {str(k): v / MIB for k, v in self.bulk_bps.items()},
             "bulk_mib_per_cpu_s": {str(k): v / MIB for k, v in self.bulk_cpu_bps.items()},
@@ -193,19 +197,23 @@ OpenPipe = Callable[[bytes], Awaitable[Pipe]]
 # ---------------------------------------------------------------- measurements
 
 
-async def measure_round_trips(call: Callable[[bytes], Awaitable[bytes]], plan: Plan) -> float:
-    """Median seconds of ``plan.round_trips`` exchanges after a 5% warm-up."""
+async def measure_round_trips(
+    call: Callable[[bytes], Awaitable[bytes]], plan: Plan
+) -> tuple[float, float]:
+    """Median seconds of ``plan.round_trips`` exchanges after a 5% warm-up, and the mean
+    CPU seconds (this process: both ends) each took."""
     payload = secrets.token_bytes(plan.message_bytes)
     for _ in range(max(10, plan.round_trips // 20)):
         await call(payload)
     rtts: list[float] = []
+    cpu_start = time.process_time()
     for _ in range(plan.round_trips):
         start = time.perf_counter()
         answer = await call(payload)
         rtts.append(time.perf_counter() - start)
         if answer != payload:
             raise RuntimeError(f"echo answered {len(answer)} other bytes to {len(payload)}")
-    return statistics.median(rtts)
+    return statistics.median(rtts), (time.process_time() - cpu_start) / plan.round_trips
 
 
 async def measure_bulk(
@@ -261,7 +269,7 @@ async def measure_all(
         await echo.write(payload)
         return await echo.readexactly(len(payload))
 
-    result.stream_rtt_s = await measure_round_trips(call, plan)
+    result.stream_rtt_s, result.rtt_cpu_s = await measure_round_trips(call, plan)
     await echo.close()
     await measure_all_bulk(result, plan, open_pipe)
 
@@ -540,7 +548,8 @@ async def bench_raw_tls(plan: Plan) -> Result:
                 await echo.write(payload)
                 return await echo.readexactly(len(payload))
 
-            result.rtt_s = result.stream_rtt_s = await measure_round_trips(call, plan)
+            result.rtt_s, result.rtt_cpu_s = await measure_round_trips(call, plan)
+            result.stream_rtt_s = result.rtt_s
             await echo.close()
             for streams in (1, plan.streams):
                 moved, bps, cpu_bps = await measure_bulk(
@@ -612,7 +621,7 @@ async def bench_swarm(kind: str, plan: Plan) -> Result:
                 reply = await client.rpc_call(peer, RPC_ECHO_PROTOCOL, None, payload)
                 return bytes(reply.payload or b"")
 
-            result.rtt_s = await measure_round_trips(rpc, plan)
+            result.rtt_s, result.rtt_cpu_s = await measure_round_trips(rpc, plan)
     finally:
         await dialer.close()
         await server.stop()
@@ -647,6 +656,7 @@ async def bench_pylibp2p(transport: str, security: str, plan: Plan) -> Result:
     result = Result(name)
     result.connect_s = statistics.median(data["connect_s"])
     result.rtt_s = result.stream_rtt_s = data["rtt_median_s"]
+    result.rtt_cpu_s = data["rtt_cpu_s"]
     result.bulk_bps = {int(k): v for k, v in data["bulk_bytes_per_s"].items()}
     result.bulk_cpu_bps = {int(k): v for k, v in data["bulk_bytes_per_cpu_s"].items()}
     result.bulk_moved = {int(k): v for k, v in data["bulk_moved"].items()}
@@ -673,14 +683,14 @@ def moved(result: Result, streams: int) -> str:
 
 def print_table(results: dict[str, Result], streams: int) -> None:
     header = (
-        f"{'configuration':<22} {'set-up ms':>9} {'RTT ms':>8} {'stream RTT':>10} "
+        f"{'configuration':<22} {'set-up ms':>9} {'RTT ms':>8} {'RTT CPU':>8} {'stream RTT':>10} "
         f"{'bulk MiB/s':>10} {f'x{streams} MiB/s':>10} {'MiB/CPU-s':>9} {'MiB moved':>9}  notes"
     )
     print(header)
     print("-" * len(header))
     for r in results.values():
         print(
-            f"{r.name:<22} {fmt_ms(r.connect_s):>9} {fmt_ms(r.rtt_s):>8} "
+            f"{r.name:<22} {fmt_ms(r.connect_s):>9} {fmt_ms(r.rtt_s):>8} {fmt_ms(r.rtt_cpu_s):>8} "
             f"{fmt_ms(r.stream_rtt_s):>10} {fmt_mib(r.bulk_bps.get(1)):>10} "
             f"{fmt_mib(r.bulk_bps.get(streams)):>10} {fmt_mib(r.bulk_cpu_bps.get(1)):>9} "
             f"{moved(r, streams):>9}  " + "; ".join(r.notes)
@@ -703,6 +713,9 @@ def ratios(results: dict[str, Result], streams: int) -> dict[str, float | None]:
     def cpu(key: str) -> float | None:
         return get(key).bulk_cpu_bps.get(1)
 
+    def rtt_cpu(key: str) -> float | None:
+        return get(key).rtt_cpu_s
+
     def best_of(values: list[float | None], pick: Callable[..., float]) -> float | None:
         present = [v for v in values if v is not None]
         return pick(present) if present else None
@@ -710,6 +723,7 @@ def ratios(results: dict[str, Result], streams: int) -> dict[str, float | None]:
     py_tcp_rtt = best_of([get("pylibp2p_tcp_tls").rtt_s, get("pylibp2p_tcp_noise").rtt_s], min)
     py_tcp_bulk = best_of([bulk("pylibp2p_tcp_tls"), bulk("pylibp2p_tcp_noise")], max)
     py_tcp_cpu = best_of([cpu("pylibp2p_tcp_tls"), cpu("pylibp2p_tcp_noise")], max)
+    py_tcp_rtt_cpu = best_of([rtt_cpu("pylibp2p_tcp_tls"), rtt_cpu("pylibp2p_tcp_noise")], min)
     return {
         "quic_rtt_ratio": ratio(get("swarm_quic").rtt_s, get("raw_quic").rtt_s),
         "quic_stream_rtt_ratio": ratio(get("swarm_quic").stream_rtt_s, get("raw_quic").rtt_s),
@@ -725,6 +739,10 @@ def ratios(results: dict[str, Result], streams: int) -> dict[str, float | None]:
         "quic_bulk_vs_pylibp2p": ratio(bulk("swarm_quic"), bulk("pylibp2p_quic")),
         "tcp_rtt_vs_pylibp2p": ratio(get("swarm_tcp").rtt_s, py_tcp_rtt),
         "tcp_bulk_vs_pylibp2p": ratio(bulk("swarm_tcp"), py_tcp_bulk),
+        "quic_rtt_cpu_ratio": ratio(rtt_cpu("swarm_quic"), rtt_cpu("raw_quic")),
+        "tcp_rtt_cpu_ratio": ratio(rtt_cpu("swarm_tcp"), rtt_cpu("raw_tls")),
+        "quic_rtt_cpu_vs_pylibp2p": ratio(rtt_cpu("swarm_quic"), rtt_cpu("pylibp2p_quic")),
+        "tcp_rtt_cpu_vs_pylibp2p": ratio(rtt_cpu("swarm_tcp"), py_tcp_rtt_cpu),
         "quic_bulk_cpu_ratio": ratio(cpu("swarm_quic"), cpu("raw_quic")),
         "tcp_bulk_cpu_ratio": ratio(cpu("swarm_tcp"), cpu("raw_tls")),
         "quic_bulk_cpu_vs_pylibp2p": ratio(cpu("swarm_quic"), cpu("pylibp2p_quic")),
@@ -736,8 +754,10 @@ LEGEND = """\
 ratios (Swarm / baseline, same run):
   *_rtt_ratio, *_stream_rtt_ratio, *_setup_ratio: time, LOWER is better (goal RTT <= 1.3)
   *_bulk_ratio, *_bulk4_ratio: throughput, HIGHER is better (goal >= 0.8)
-  *_bulk_cpu_*: bytes per CPU-second of the process running both ends, HIGHER is
-    better; unlike wall-clock throughput it does not move with the machine's load
+  *_rtt_cpu_*: CPU time per round trip (both ends), LOWER is better
+  *_bulk_cpu_*: bytes per CPU-second (both ends), HIGHER is better
+  The CPU ratios do not move with the load other programs put on the machine; the
+  wall-clock ones (which the goals name) do.
   *_rtt_vs_pylibp2p: time, LOWER is better (goal <= 0.5, i.e. 2x faster)
   *_bulk_vs_pylibp2p: throughput, HIGHER is better (goal >= 4)
   RTT is Host.rpc_call for Swarm, stream echo otherwise; vs py-libp2p TCP: its best of

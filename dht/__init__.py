@@ -26,6 +26,7 @@ from ._errors import (
     StaleRecord,
     StoreFailed,
     StoreFull,
+    rejection,
 )
 from ._ids import ID_BITS, bucket_index, distance, key_id, node_id
 from ._limits import DhtLimits
@@ -86,6 +87,7 @@ __all__ = [
     "ip_group",
     "key_id",
     "node_id",
+    "rejection",
     "sign_entry",
 ]
 

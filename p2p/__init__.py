@@ -39,25 +39,34 @@ from ._peerstore import PeerInfo, PeerStore
 from ._ping import PROTOCOL_ID as PING_PROTOCOL_ID
 from ._rpc import RpcContext, RpcReply, RpcStream
 from ._stream import HostStream
+from .discovery import Discoverer, DiscoveryError, MdnsDiscovery, MdnsLimits, PeerFound
+from .nat import Autonat, AutonatLimits, Reachability, ReachabilityResult
 
 __all__ = [
     "AGENT_VERSION",
     "IDENTIFY_PROTOCOL_ID",
     "PING_PROTOCOL_ID",
+    "Autonat",
+    "AutonatLimits",
     "BootstrapError",
     "BootstrapLimits",
     "BootstrapResult",
     "ConnectionLimits",
     "ConnectionLost",
     "DialFailed",
+    "Discoverer",
+    "DiscoveryError",
     "Host",
     "HostLimits",
     "HostStream",
     "IdentifyInfo",
     "IdentifyLimits",
     "LimitExceeded",
+    "MdnsDiscovery",
+    "MdnsLimits",
     "P2PError",
     "P2PTimeout",
+    "PeerFound",
     "PeerIdMismatch",
     "PeerInfo",
     "PeerProtocolError",
@@ -66,6 +75,8 @@ __all__ = [
     "PeerUnreachable",
     "ProtocolNegotiationFailed",
     "ProtocolNotSupported",
+    "Reachability",
+    "ReachabilityResult",
     "RemoteError",
     "RpcCancelled",
     "RpcCode",

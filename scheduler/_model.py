@@ -196,12 +196,39 @@ class SwarmSnapshot:
         return tuple(b for b, count in enumerate(counts) if count == 0)
 
     def upper_bound(self) -> float:
-        """A ceiling on the minimum per-block throughput any placement of these servers
-        reaches: their block-throughput summed over their spans, spread evenly over the
-        blocks, ``sum(throughput * length) / num_blocks`` (online and joining servers).
-        The minimum is at most the mean, and the mean does not depend on placement."""
-        active = (s for s in self.servers if s.state in _CAPACITY_STATES)
-        return sum(s.throughput * s.length for s in active) / self.num_blocks
+        """A ceiling on the minimum per-block throughput of any placement of the online and
+        joining servers (each keeping its span length).
+
+        If every block gets at least ``z``, each block holds at least ``z`` of *useful*
+        throughput, and a server adds at most ``min(throughput, z)`` useful throughput to
+        each of its ``length`` blocks: ``num_blocks * z <= sum(length * min(t, z))``. The
+        bound is the largest such ``z``. It is the mean per-block throughput,
+        ``sum(t * length) / num_blocks``, unless some server alone exceeds it (a server
+        far faster than the rest cannot spread its surplus beyond its span), and 0 when
+        the spans together are too short to cover every block.
+        """
+        return max_level(
+            self.num_blocks,
+            ((s.throughput, s.length) for s in self.servers if s.state in _CAPACITY_STATES),
+        )
+
+
+def max_level(num_blocks: int, servers: Iterable[tuple[float, int]]) -> float:
+    """The largest ``z`` with ``num_blocks * z <= sum(length * min(t, z))`` over
+    ``(t, length)`` pairs (see ``SwarmSnapshot.upper_bound``)."""
+    ordered = sorted(servers)
+    above = sum(length for _, length in ordered)
+    below = 0.0
+    floor = 0.0
+    for t, length in [*ordered, (math.inf, 0)]:
+        if above < num_blocks:
+            level = below / (num_blocks - above)
+            if level <= t:
+                return max(level, floor)
+        below += t * length
+        above -= length
+        floor = t
+    return floor
 
 
 _ONLINE = frozenset({ServerState.ONLINE})

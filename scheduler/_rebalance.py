@@ -133,7 +133,7 @@ def plan_rebalance(
     )
     planned: list[tuple[_Mover, int]] = []
     while len(planned) < settings.max_plan_moves:
-        step = _best_move(caps, counts, movers)
+        step = _best_move(caps, counts, movers, bound)
         if step is None:
             break
         index, target = step
@@ -204,7 +204,7 @@ class _Mover(NamedTuple):
 
 
 def _best_move(
-    caps: list[float], counts: list[int], movers: list[_Mover]
+    caps: list[float], counts: list[int], movers: list[_Mover], level: float
 ) -> tuple[int, int] | None:
     """The greedy step: (index in ``movers``, new start), or None when nothing helps.
 
@@ -226,7 +226,7 @@ def _best_move(
     sums = [0.0, *itertools.accumulate(caps)]
     needy: dict[int, int] = {}
     best: tuple[int, int] | None = None
-    best_key: tuple[float, int, int] = (low, 0, 0)
+    best_key: tuple[float, int, float, int] = (low, 0, 0.0, 0)
     for index in range(first, len(movers)):
         mover = movers[index]
         throughput = mover.throughput
@@ -247,8 +247,8 @@ def _best_move(
                 lose_lo, lose_hi = max(start, candidate + length), end
             if min(counts[lose_lo:lose_hi]) < 2:
                 continue
-            value = min(min(caps[lose_lo:lose_hi]) - throughput, low + throughput)
-            key = (value, lose_lo - lose_hi, -mover.rank)
+            value = min(min(caps[lose_lo:lose_hi]) - throughput, low + throughput, level)
+            key = (value, lose_lo - lose_hi, -throughput, -mover.rank)
             if key > best_key:
                 best, best_key = (index, candidate), key
     return best

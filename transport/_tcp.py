@@ -2,14 +2,15 @@
 
 Each connection climbs the same ladder on both sides:
 
-1. a TCP connection (asyncio streams, ``TCP_NODELAY``);
+1. a TCP connection (``TCP_NODELAY``) whose protocol, ``_Pipe``, serves the negotiations;
 2. multistream-select agrees on ``/tls/1.0.0`` (the dialer proposes);
 3. TLS 1.3 on the same socket, ALPN ``libp2p``, each side presenting the self-signed
    certificate of ``security.make_tls_certificate``. OpenSSL is told to accept any
    certificate (``_tls_verify``); the libp2p extension is then verified here and gives
    the remote PeerID, which the dialer compares with the one it expected;
 4. multistream-select, inside TLS, agrees on ``/yamux/1.0.0``;
-5. the TLS stream pair becomes a ``YamuxConnection``.
+5. the TLS transport becomes a ``YamuxConnection``, which takes over as its protocol
+   with whatever the peer already sent behind the negotiation.
 
 Steps 2 to 4 are bounded by ``TcpLimits.handshake_timeout_s``. Every inbound handshake
 runs in its own task, so garbage or silent clients cost the listener one timed-out task
@@ -26,7 +27,8 @@ import socket
 import ssl
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 from security import (
     LIBP2P_ALPN,
@@ -59,26 +61,116 @@ YAMUX_PROTOCOL = "/yamux/1.0.0"
 _log = logging.getLogger(__name__)
 
 
-class _SocketPipe:
-    """``ByteStream`` over an asyncio stream pair, for the negotiations before yamux."""
+class _Pipe(asyncio.Protocol):
+    """The connection's protocol until yamux takes over: a ``ByteStream`` for the
+    negotiations, before and inside TLS.
 
-    __slots__ = ("_reader", "_writer")
+    What the peer sends beyond the negotiation stays buffered and goes to yamux with
+    the transport (``detach``). The buffer is bounded: past ``limit`` unread bytes the
+    socket is no longer read until the handshake reads them.
+    """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    transport: asyncio.Transport
+    """The TCP transport, then the TLS one; set by ``connection_made``."""
+
+    def __init__(self, limit: int, on_connected: Callable[[_Pipe], None] | None = None) -> None:
+        self._limit = limit
+        self._on_connected = on_connected
+        self._buffer = bytearray()
+        self._eof = False
+        self._lost: str | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > self._limit and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = "the connection was closed" if exc is None else f"the connection broke: {exc}"
+        self._wake_reader()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        waiter, self._read_waiter = self._read_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- ByteStream --------------------------------------------------------------------
 
     async def readexactly(self, n: int) -> bytes:
-        try:
-            return await self._reader.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            raise StreamClosed(
-                f"peer closed the connection after {len(exc.partial)} of {n} expected bytes"
-            ) from None
+        buffer = self._buffer
+        while len(buffer) < n:
+            if self._eof or self._lost is not None:
+                raise StreamClosed(
+                    f"peer closed the connection after {len(buffer)} of {n} expected bytes"
+                )
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            await self._read_waiter
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        if self._reading_paused and len(buffer) <= self._limit:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
+        if self._lost is not None:
+            raise StreamClosed(self._lost)
+        self.transport.write(data)
+        while self._writing_paused and self._lost is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    # -- upgrades ----------------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> None:
+        """Run the TLS handshake; this pipe then reads and writes through TLS."""
+        if self._buffer:
+            raise HandshakeError(
+                f"peer sent {len(self._buffer)} bytes before its TLS handshake could start"
+            )
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(self.transport, self, context, server_side=server_side)
+        if tls is None:
+            raise HandshakeError("the connection closed during the TLS handshake")
+        self.transport = tls
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Give up the transport: it and what the peer sent past the negotiation."""
+        if self._eof or self._lost is not None:
+            raise StreamClosed("peer closed the connection right after the handshake")
+        received = bytes(self._buffer)
+        self._buffer.clear()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return self.transport, received
 
 
 def _tcp_endpoint(addr: Multiaddr) -> tuple[str, int] | None:
@@ -133,9 +225,9 @@ class _TlsContexts:
         return self._server
 
 
-def _authenticate(writer: asyncio.StreamWriter, peer: str) -> PeerId:
+def _authenticate(transport: asyncio.Transport, peer: str) -> PeerId:
     """The PeerID proven by the remote's TLS certificate (libp2p extension verified)."""
-    ssl_object = writer.get_extra_info("ssl_object")
+    ssl_object = transport.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise HandshakeError(f"{peer} presented no TLS certificate")
@@ -156,8 +248,8 @@ def _step(name: str) -> Iterator[None]:
         raise HandshakeError(f"{name}: {exc}") from exc
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+def _set_nodelay(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -181,28 +273,28 @@ class TcpListener:
         self._server = server
         self._addrs = [_multiaddr_of(sock.getsockname()) for sock in server.sockets]
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, pipe: _Pipe) -> None:
         if self._closed:
-            writer.transport.abort()
+            pipe.transport.abort()
             return
         limit = self._transport._limits.tcp.max_pending_handshakes
         if len(self._handshakes) >= limit:
             _log.warning(
                 "dropped TCP client %s: %d handshakes in progress reach "
                 "TcpLimits.max_pending_handshakes=%d",
-                writer.get_extra_info("peername"),
+                pipe.transport.get_extra_info("peername"),
                 len(self._handshakes),
                 limit,
             )
-            writer.transport.abort()
+            pipe.transport.abort()
             return
-        task = asyncio.get_running_loop().create_task(self._accept(reader, writer))
+        task = asyncio.get_running_loop().create_task(self._accept(pipe))
         self._handshakes.add(task)
         self._transport._track(task)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, pipe: _Pipe) -> None:
         try:
-            connection = await self._transport._secure_inbound(reader, writer)
+            connection = await self._transport._secure_inbound(pipe)
         finally:
             self._handshakes.discard(asyncio.current_task())  # type: ignore[arg-type]
         if connection is not None:
@@ -275,13 +367,13 @@ class TcpTransport:
             )
         self._tls.server()
         listener = TcpListener(self, handler)
+        limit = self._limits.tcp.read_chunk_bytes
         try:
-            server = await asyncio.start_server(
-                listener._on_connect,
+            server = await asyncio.get_running_loop().create_server(
+                lambda: _Pipe(limit, listener._on_connect),
                 endpoint[0],
                 endpoint[1],
                 reuse_address=True,
-                limit=self._limits.tcp.read_chunk_bytes,
             )
         except OSError as exc:
             raise TransportError(f"cannot listen on {addr}: {exc}") from exc
@@ -316,11 +408,10 @@ class TcpTransport:
         budget = self._limits.dial_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        limit = self._limits.tcp.read_chunk_bytes
         try:
             async with asyncio.timeout_at(deadline):
-                reader, writer = await asyncio.open_connection(
-                    endpoint[0], endpoint[1], limit=self._limits.tcp.read_chunk_bytes
-                )
+                _, pipe = await loop.create_connection(lambda: _Pipe(limit), *endpoint)
         except TimeoutError:
             raise DialError(
                 f"TCP connect to {addr} timed out after {budget:g}s", addr=addr
@@ -330,10 +421,11 @@ class TcpTransport:
         handshake_s = min(budget, self._limits.tcp.handshake_timeout_s)
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + handshake_s)):
-                _set_nodelay(writer)
-                remote_peer = await self._upgrade(reader, writer, dialer=True, expected=expected)
+                _set_nodelay(pipe.transport)
+                remote_peer = await self._upgrade(pipe, dialer=True, expected=expected)
+                connection = self._connect(pipe, remote_peer, is_client=True)
         except BaseException as exc:
-            writer.transport.abort()
+            pipe.transport.abort()
             if isinstance(exc, TimeoutError):
                 raise HandshakeError(
                     f"handshake with {addr} did not finish within {handshake_s:g}s "
@@ -344,25 +436,23 @@ class TcpTransport:
             if isinstance(exc, TransportError | OSError):
                 raise HandshakeError(f"handshake with {addr} failed: {exc}") from exc
             raise
-        connection = self._connect(reader, writer, remote_peer, is_client=True)
         if self._closed:
             await connection.close()
             raise DialError(f"the TCP transport closed while dialing {addr}", addr=addr)
         return connection
 
-    async def _secure_inbound(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> YamuxConnection | None:
+    async def _secure_inbound(self, pipe: _Pipe) -> YamuxConnection | None:
         """Upgrade an accepted socket, or drop it (``None``) if the client fails."""
-        peer = writer.get_extra_info("peername")
+        peer = pipe.transport.get_extra_info("peername")
         try:
             async with asyncio.timeout(self._limits.tcp.handshake_timeout_s):
                 if peer is None:
                     raise HandshakeError("the client left before its address could be read")
-                _set_nodelay(writer)
-                remote_peer = await self._upgrade(reader, writer, dialer=False, expected=None)
+                _set_nodelay(pipe.transport)
+                remote_peer = await self._upgrade(pipe, dialer=False, expected=None)
+                return self._connect(pipe, remote_peer, is_client=False)
         except BaseException as exc:
-            writer.transport.abort()
+            pipe.transport.abort()
             if isinstance(exc, TimeoutError | TransportError | OSError):
                 _log.debug("dropped inbound TCP client %s: %r", peer, exc)
                 return None
@@ -370,28 +460,20 @@ class TcpTransport:
                 _log.exception("inbound TCP handshake with %s failed unexpectedly", peer)
                 return None
             raise
-        return self._connect(reader, writer, remote_peer, is_client=False)
 
-    async def _upgrade(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        dialer: bool,
-        expected: PeerId | None,
-    ) -> PeerId:
+    async def _upgrade(self, pipe: _Pipe, *, dialer: bool, expected: PeerId | None) -> PeerId:
         """Negotiate TLS, authenticate the remote, negotiate yamux; return the remote PeerID."""
-        pipe = _SocketPipe(reader, writer)
         negotiation = self._limits.multistream
-        peer = f"TCP peer {writer.get_extra_info('peername')}"
+        peer = f"TCP peer {pipe.transport.get_extra_info('peername')}"
         with _step(f"negotiating {TLS_PROTOCOL}"):
             if dialer:
                 await select_protocol(pipe, [TLS_PROTOCOL], limits=negotiation)
             else:
                 await handle_protocols(pipe, [TLS_PROTOCOL], limits=negotiation)
         with _step("TLS 1.3 handshake"):
-            await writer.start_tls(self._tls.client if dialer else self._tls.server())
-        remote_peer = _authenticate(writer, peer)
+            context = self._tls.client if dialer else self._tls.server()
+            await pipe.start_tls(context, server_side=not dialer)
+        remote_peer = _authenticate(pipe.transport, peer)
         if expected is not None and remote_peer != expected:
             raise PeerIdMismatch(expected=expected, actual=remote_peer)
         if dialer:
@@ -405,24 +487,18 @@ class TcpTransport:
                 await handle_protocols(pipe, [YAMUX_PROTOCOL], limits=negotiation)
         return remote_peer
 
-    def _connect(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        remote_peer: PeerId,
-        *,
-        is_client: bool,
-    ) -> YamuxConnection:
+    def _connect(self, pipe: _Pipe, remote_peer: PeerId, *, is_client: bool) -> YamuxConnection:
+        transport, received = pipe.detach()
         connection = YamuxConnection(
-            reader,
-            writer,
+            transport,
             is_client=is_client,
             local_peer=self._identity.peer_id,
             remote_peer=remote_peer,
-            local_addr=_multiaddr_of(writer.get_extra_info("sockname")),
-            remote_addr=_multiaddr_of(writer.get_extra_info("peername")),
+            local_addr=_multiaddr_of(transport.get_extra_info("sockname")),
+            remote_addr=_multiaddr_of(transport.get_extra_info("peername")),
             limits=self._limits.yamux,
             transport_name="tcp",
+            received=received,
         )
         connection.start()
         self._connections.add(connection)

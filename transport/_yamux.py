@@ -313,21 +313,24 @@ class YamuxSession:
         if not self._failed:
             self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0)
 
-    def consume(self, stream_id: int, n: int, now: float) -> None:
-        """The application read ``n`` bytes of ``stream_id``: grant window back as needed."""
+    def consume(self, stream_id: int, n: int, now: float) -> bool:
+        """The application read ``n`` bytes of ``stream_id``: grant window back as needed.
+
+        Returns whether a window update was queued (output to send).
+        """
         stream = self._streams.get(stream_id)
         if stream is None:
-            return
+            return False
         if not 0 <= n <= stream.recv_unread:
             raise ValueError(
                 f"consume({n}) on yamux stream {stream_id} holding {stream.recv_unread} unread"
             )
         stream.recv_unread -= n
         if stream.remote_fin or self._failed:
-            return
+            return False
         owed = stream.recv_window - stream.recv_credit - stream.recv_unread
         if owed * 2 < stream.recv_window:
-            return
+            return False
         rtt = self.rtt_s
         if (
             rtt is not None
@@ -338,6 +341,7 @@ class YamuxSession:
             stream.recv_window = min(stream.recv_window * 2, self.limits.max_window_bytes)
         stream.epoch = now
         self._grant(stream_id, stream, 0)
+        return True
 
     def ping(self, now: float) -> int:
         """Queue a ping and return its opaque value; ``PingAnswered`` follows."""

@@ -1,18 +1,23 @@
-"""The asyncio shell around ``YamuxSession``: a ``Connection`` over a byte stream pair.
+"""The asyncio shell around ``YamuxSession``: a ``Connection`` driven by its transport.
 
-The TCP transport builds ``YamuxConnection`` on the TLS stream it authenticated and
-calls ``start()``. One task pumps the reader into the core and dispatches its events to
-``YamuxStream`` buffers; writers wait for window on their own stream; a second task
-pings every ``YamuxLimits.keepalive_s`` and drops the connection when a ping goes
-unanswered for that long. Whatever ends the connection (``close()``, the peer's EOF, a
-protocol violation, a dead peer) wakes every pending operation with ``ConnectionClosed``
-or ``StreamReset``.
+The TCP transport hands ``YamuxConnection`` the transport it authenticated (and the
+bytes it already read past the negotiation) and calls ``start()``: the connection
+becomes the transport's protocol. Every chunk the transport receives is fed to the core
+in that very callback, and its events are dispatched at once: a stream's reader is woken
+directly, with no task in between, so a round trip costs the event loop no more passes
+than a bare TLS socket does. Writers wait for window on their own stream; a timer pings
+every ``YamuxLimits.keepalive_s`` and drops the connection when a ping goes unanswered
+for that long. Whatever ends the connection (``close()``, the peer's EOF, a protocol
+violation, a dead peer) wakes every pending operation with ``ConnectionClosed`` or
+``StreamReset``.
 
-Data is never copied per byte here: a received chunk that is all payload is handed to
-the stream as is, reads return whole chunks when they fit, and large writes go to the
-transport at once as views of the caller's buffer, behind their 12-byte header. Small
-frames (headers, window updates, short writes) are collected and written once per
-event-loop iteration, so a request and its negotiation leave in one segment.
+Copies are few: the transport reads into one reusable buffer (the connection is a
+``BufferedProtocol``; TLS decrypts straight into it), each payload is copied once out of
+it, reads return whole chunks when they fit, and large writes go to the transport at
+once as views of the caller's buffer, behind their 12-byte header. Small frames (headers,
+window updates, short writes) are collected and written together: right before the task
+that queued them waits on a stream, else at the next event-loop iteration, so that a
+reply, its acknowledgement and its FIN leave in one TLS record.
 """
 
 from __future__ import annotations
@@ -23,16 +28,42 @@ from typing import TYPE_CHECKING, Literal
 
 from . import _yamux as yamux
 from ._errors import ConnectionClosed, StreamClosed, StreamReset
-from ._limits import YamuxLimits
+from ._limits import KIB, YamuxLimits
 
 if TYPE_CHECKING:
     from security import PeerId
 
     from ._multiaddr import Multiaddr
 
+_FIRST_BUFFER_BYTES = 64 * KIB
+"""The receive buffer starts this small and doubles, up to ``YamuxLimits.read_chunk_bytes``,
+whenever one read fills it: idle connections stay light, bulk ones read in large chunks."""
+
 
 class YamuxStream:
-    """One yamux stream; implements ``transport.Stream``."""
+    """One yamux stream; implements ``transport.Stream``.
+
+    Readers take turns through ``_read_lock`` and writers through ``_write_lock``, but
+    an operation that can finish without waiting skips the lock when nobody holds it:
+    it cannot interleave with anything, and most reads and writes are of that kind.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_eof",
+        "_head",
+        "_preconsumed",
+        "_read_closed",
+        "_read_lock",
+        "_read_waiter",
+        "_reset_reason",
+        "_write_closed",
+        "_write_lock",
+        "_write_waiter",
+        "stream_id",
+    )
 
     def __init__(self, connection: YamuxConnection, stream_id: int) -> None:
         self._conn = connection
@@ -45,8 +76,8 @@ class YamuxStream:
         self._read_closed = False
         self._write_closed = False
         self._reset_reason: str | None = None
-        self._read_waiters: list[asyncio.Future[None]] = []
-        self._write_waiters: list[asyncio.Future[None]] = []
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
 
@@ -63,13 +94,15 @@ class YamuxStream:
         """Return up to ``max_bytes``, or ``b""`` at the peer's end; readers take turns."""
         if max_bytes < 1:
             raise ValueError(f"read(max_bytes={max_bytes}) needs max_bytes >= 1")
+        if self._chunks and not self._read_lock.locked():
+            return self._take(max_bytes)
         async with self._read_lock:
             while not self._chunks:
                 if self._eof and self._reset_reason is None:
                     self._check_read_open()
                     return b""
                 self._check_readable()
-                await _wait(self._read_waiters)
+                await self._wait_for_data()
             return self._take(max_bytes)
 
     async def readexactly(self, n: int) -> bytes:
@@ -79,8 +112,11 @@ class YamuxStream:
         """
         if n <= 0:
             return b""
+        chunks = self._chunks
+        if chunks and n <= len(chunks[0]) - self._head and not self._read_lock.locked():
+            return self._take(n)
         async with self._read_lock:
-            if self._chunks and n <= len(self._chunks[0]) - self._head:
+            if chunks and n <= len(chunks[0]) - self._head:
                 return self._take(n)
             return await self._gather(n)
 
@@ -97,7 +133,7 @@ class YamuxStream:
                             f"the {n} bytes expected"
                         )
                     self._check_readable()
-                    await _wait(self._read_waiters)
+                    await self._wait_for_data()
                 part = self._take(need)
                 parts.append(part)
                 need -= len(part)
@@ -105,6 +141,18 @@ class YamuxStream:
             self._unread(parts)
             raise
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _wait_for_data(self) -> None:
+        """Sleep until data, end of stream or an error arrives (the read lock is held)."""
+        conn = self._conn
+        if conn._flush_scheduled:
+            conn._flush()  # what this task queued leaves before it sleeps
+        waiter = conn._loop.create_future()
+        self._read_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._read_waiter = None
 
     def _take(self, max_bytes: int) -> bytes:
         chunk = self._chunks[0]
@@ -118,10 +166,12 @@ class YamuxStream:
             self._head = head + max_bytes
         n = len(out)
         self._buffered -= n
-        credited = min(n, self._preconsumed)
-        self._preconsumed -= credited
-        if n > credited:
-            self._conn._consumed(self.stream_id, n - credited)
+        if self._preconsumed:
+            credited = min(n, self._preconsumed)
+            self._preconsumed -= credited
+            n -= credited
+        if n:
+            self._conn._consumed(self.stream_id, n)
         return out
 
     def _unread(self, parts: list[bytes]) -> None:
@@ -158,19 +208,44 @@ class YamuxStream:
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
         total = len(view)
-        sent = 0
         conn = self._conn
+        sent = 0
+        if (
+            not self._write_lock.locked()
+            and total <= conn._core.send_window(self.stream_id)
+            and total <= conn._limits.max_frame_bytes
+        ):
+            self._check_writable()  # all of it goes now, in one frame: no turn to take
+            sent = conn._send(self.stream_id, view)
+            if not conn._write_paused:
+                return
         async with self._write_lock:
             while True:
                 self._check_writable()
                 if sent >= total:
+                    if conn._write_paused:
+                        await conn._drain()
+                        self._check_writable()
                     return
                 n = conn._send(self.stream_id, view[sent:] if sent else view)
                 if n:
                     sent += n
-                    await conn._drain()
+                    if conn._write_paused:
+                        await conn._drain()
                 else:
-                    await _wait(self._write_waiters)
+                    await self._wait_for_window()
+
+    async def _wait_for_window(self) -> None:
+        """Sleep until the peer grants window or an error arrives (the write lock is held)."""
+        conn = self._conn
+        if conn._flush_scheduled:
+            conn._flush()
+        waiter = conn._loop.create_future()
+        self._write_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._write_waiter = None
 
     def _check_writable(self) -> None:
         if self._reset_reason is not None:
@@ -188,7 +263,7 @@ class YamuxStream:
         self._conn._close_write(self.stream_id)
         if self._eof:
             self._conn._forget(self.stream_id)
-        _wake(self._write_waiters)
+        _wake(self._write_waiter)
 
     async def close(self) -> None:
         """Half-close, drop unread data and discard what still arrives until the peer's FIN."""
@@ -198,7 +273,7 @@ class YamuxStream:
         self._read_closed = True
         while self._chunks:
             self._take(self._buffered)
-        _wake(self._read_waiters)
+        _wake(self._read_waiter)
 
     def reset(self) -> None:
         if self._reset_reason is not None or self._conn._error is not None:
@@ -218,11 +293,11 @@ class YamuxStream:
         if self._read_closed:
             self._take(len(data))
         else:
-            _wake(self._read_waiters)
+            _wake(self._read_waiter)
 
     def _on_eof(self) -> None:
         self._eof = True
-        _wake(self._read_waiters)
+        _wake(self._read_waiter)
 
     def _on_reset(self) -> None:
         self._reset_reason = f"yamux stream {self.stream_id} was reset by the peer"
@@ -236,8 +311,13 @@ class YamuxStream:
         self._preconsumed = 0
 
     def _wake_all(self) -> None:
-        _wake(self._read_waiters)
-        _wake(self._write_waiters)
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def _wait(waiters: list[asyncio.Future[None]]) -> None:
@@ -250,20 +330,22 @@ async def _wait(waiters: list[asyncio.Future[None]]) -> None:
             waiters.remove(waiter)
 
 
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
+def _wake_each(waiters: list[asyncio.Future[None]]) -> None:
     for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
+        _wake(waiter)
     waiters.clear()
 
 
-class YamuxConnection:
-    """A yamux session over ``(reader, writer)``; implements ``transport.Connection``."""
+class YamuxConnection(asyncio.BufferedProtocol):
+    """A yamux session over an asyncio transport; implements ``transport.Connection``.
+
+    ``received`` holds bytes the peer already sent that were read with the negotiation
+    before this connection took the transport over.
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
         *,
         is_client: bool,
         local_peer: PeerId,
@@ -272,9 +354,9 @@ class YamuxConnection:
         remote_addr: Multiaddr,
         limits: YamuxLimits | None = None,
         transport_name: str = "tcp",
+        received: bytes = b"",
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._transport = transport
         self._limits = limits if limits is not None else YamuxLimits()
         self._core = yamux.YamuxSession(is_client=is_client, limits=self._limits)
         self._local_peer = local_peer
@@ -282,15 +364,20 @@ class YamuxConnection:
         self._local_addr = local_addr
         self._remote_addr = remote_addr
         self._transport_name = transport_name
+        self._received = received
+        self._loop = asyncio.get_running_loop()
+        self._buffer = memoryview(bytearray(min(_FIRST_BUFFER_BYTES, self._limits.read_chunk_bytes)))
         self._streams: dict[int, YamuxStream] = {}
         self._accept_queue: deque[YamuxStream] = deque()
         self._accept_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._error: ConnectionClosed | None = None
         self._closed = asyncio.Event()
-        self._reader_task: asyncio.Task[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
+        self._transport_lost = asyncio.Event()
+        self._keepalive: asyncio.TimerHandle | None = None
         self._ping_outstanding: int | None = None
         self._flush_scheduled = False
+        self._write_paused = False
 
     # -- Connection properties ---------------------------------------------------------
 
@@ -329,16 +416,22 @@ class YamuxConnection:
     # -- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start reading and keep-alive; sends a first ping to measure the round trip."""
-        loop = asyncio.get_running_loop()
-        self._ping_outstanding = self._core.ping(loop.time())
+        """Take the transport over and start keep-alive; a first ping measures the RTT."""
+        self._transport.set_protocol(self)
+        if self._transport.is_closing():
+            self._terminate(
+                ConnectionClosed(f"connection to {self._remote_peer} was lost while set up"),
+                end="abort",
+            )
+            self._transport_lost.set()
+            return
+        self._ping_outstanding = self._core.ping(self._loop.time())
+        received, self._received = self._received, b""
+        if received:
+            self._feed(received)
         self._flush()
-        self._reader_task = loop.create_task(
-            self._read_loop(), name=f"yamux-read {self._remote_peer}"
-        )
-        self._keepalive_task = loop.create_task(
-            self._keepalive(), name=f"yamux-keepalive {self._remote_peer}"
-        )
+        if self._error is None:
+            self._keepalive = self._loop.call_later(self._limits.keepalive_s, self._on_keepalive)
 
     async def close(self) -> None:
         """Send GoAway, fail pending operations, and shut the transport down gracefully.
@@ -355,36 +448,23 @@ class YamuxConnection:
                 ConnectionClosed(f"connection to {self._remote_peer} closed locally"),
                 end="linger",
             )
-        current = asyncio.current_task()
-        tasks = [
-            task
-            for task in (self._reader_task, self._keepalive_task)
-            if task is not None and task is not current
-        ]
         try:
             async with asyncio.timeout(self._limits.close_timeout_s):
-                if tasks:
-                    await asyncio.wait(tasks)
-                await self._writer.wait_closed()
+                await self._transport_lost.wait()
         except TimeoutError:
-            self._writer.transport.abort()
-        except OSError:
-            pass
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+            self._transport.abort()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
     def _terminate(
-        self, error: ConnectionClosed, *, end: Literal["linger", "close", "abort"]
+        self, error: ConnectionClosed, *, end: Literal["linger", "close", "abort", "lost"]
     ) -> None:
         """End the connection once: fail every pending operation, end the transport.
 
-        ``linger`` half-closes and lets the read loop drain the peer until its EOF,
-        ``close`` closes after flushing, ``abort`` drops the transport at once.
+        ``linger`` half-closes and keeps reading (and discarding) until the peer's EOF,
+        ``close`` closes after flushing, ``abort`` drops the transport at once, ``lost``
+        leaves a transport that is gone already.
         """
         if self._error is not None:
             return
@@ -393,17 +473,54 @@ class YamuxConnection:
             stream._wake_all()
         self._streams.clear()
         self._accept_queue.clear()
-        _wake(self._accept_waiters)
+        _wake_each(self._accept_waiters)
+        _wake_each(self._drain_waiters)
+        transport = self._transport
         if end == "abort":
-            self._writer.transport.abort()
-        elif end == "linger" and self._writer.can_write_eof():
-            self._writer.write_eof()
-        else:
-            self._writer.close()
-        keepalive = self._keepalive_task
-        if keepalive is not None and keepalive is not asyncio.current_task():
-            keepalive.cancel()
+            transport.abort()
+        elif end == "linger" and transport.can_write_eof():
+            transport.write_eof()
+        elif end != "lost":
+            transport.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         self._closed.set()
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._error is not None:
+            return  # lingering after close(): the peer's last bytes are dropped
+        buffer = self._buffer
+        self._feed(buffer[:nbytes])
+        self._flush()
+        size = len(buffer)
+        if nbytes == size and size < self._limits.read_chunk_bytes:
+            self._buffer = memoryview(bytearray(min(2 * size, self._limits.read_chunk_bytes)))
+
+    def eof_received(self) -> None:
+        self._terminate(
+            ConnectionClosed(f"connection closed by peer {self._remote_peer}"), end="close"
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self._remote_peer
+        if exc is None:
+            error = ConnectionClosed(f"connection closed by peer {peer}")
+        else:
+            error = ConnectionClosed(f"connection to {peer} lost: {exc}")
+        self._terminate(error, end="lost")
+        self._transport_lost.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        _wake_each(self._drain_waiters)
 
     # -- streams -----------------------------------------------------------------------
 
@@ -437,8 +554,7 @@ class YamuxConnection:
         return n
 
     def _consumed(self, stream_id: int, n: int) -> None:
-        if self._error is None:
-            self._core.consume(stream_id, n, asyncio.get_running_loop().time())
+        if self._error is None and self._core.consume(stream_id, n, self._loop.time()):
             self._flush_soon()
 
     def _close_write(self, stream_id: int) -> None:
@@ -454,58 +570,29 @@ class YamuxConnection:
         self._streams.pop(stream_id, None)
 
     def _flush_soon(self) -> None:
-        """Write the output at the next loop iteration, batching small frames."""
+        """Write the output before the next wait on a stream or at the next loop iteration."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._core.pop_output()
         if out and self._error is None:
-            self._writer.writelines(out)
+            self._transport.writelines(out)
 
     async def _drain(self) -> None:
-        try:
-            await self._writer.drain()
-        except OSError as exc:
-            self._terminate(
-                ConnectionClosed(f"connection to {self._remote_peer} lost: {exc}"), end="abort"
-            )
-            raise ConnectionClosed(str(self._error)) from exc
+        """Wait while the transport's write buffer is over its high-water mark."""
+        while self._write_paused and self._error is None:
+            await _wait(self._drain_waiters)
 
-    # -- tasks -------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        reader = self._reader
+    def _feed(self, data: bytes | memoryview) -> None:
         core = self._core
-        loop = asyncio.get_running_loop()
-        chunk_bytes = self._limits.read_chunk_bytes
-        try:
-            while data := await reader.read(chunk_bytes):
-                if self._error is None:
-                    core.feed(data, loop.time())
-                    self._dispatch(core.pop_events())
-                    self._flush()
-        except OSError as exc:
-            self._terminate(
-                ConnectionClosed(f"connection to {self._remote_peer} lost: {exc}"), end="abort"
-            )
-        except Exception as exc:
-            self._terminate(
-                ConnectionClosed(f"yamux reader for {self._remote_peer} failed: {exc!r}"),
-                end="abort",
-            )
-            raise
-        else:
-            self._terminate(
-                ConnectionClosed(f"connection closed by peer {self._remote_peer}"), end="close"
-            )
-            self._writer.close()
-
-    def _dispatch(self, events: list[yamux.Event]) -> None:
+        core.feed(data, self._loop.time())
         streams = self._streams
-        for event in events:
+        for event in core.pop_events():
             kind = type(event)
             if kind is yamux.DataReceived:
                 stream = streams.get(event.stream_id)
@@ -514,12 +601,12 @@ class YamuxConnection:
             elif kind is yamux.WindowUpdated:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    _wake(stream._write_waiters)
+                    _wake(stream._write_waiter)
             elif kind is yamux.StreamOpened:
                 stream = YamuxStream(self, event.stream_id)
                 streams[event.stream_id] = stream
                 self._accept_queue.append(stream)
-                _wake(self._accept_waiters)
+                _wake_each(self._accept_waiters)
             elif kind is yamux.StreamEnded:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -551,19 +638,16 @@ class YamuxConnection:
                 self._terminate(error, end="close")
                 return
 
-    async def _keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self._limits.keepalive_s
-        while True:
-            await asyncio.sleep(interval)
-            if self._ping_outstanding is not None:
-                self._terminate(
-                    ConnectionClosed(
-                        f"peer {self._remote_peer} answered no ping for {interval} s "
-                        "(YamuxLimits.keepalive_s)"
-                    ),
-                    end="abort",
-                )
-                return
-            self._ping_outstanding = self._core.ping(loop.time())
-            self._flush()
+    def _on_keepalive(self) -> None:
+        if self._ping_outstanding is not None:
+            self._terminate(
+                ConnectionClosed(
+                    f"peer {self._remote_peer} answered no ping for {self._limits.keepalive_s} s "
+                    "(YamuxLimits.keepalive_s)"
+                ),
+                end="abort",
+            )
+            return
+        self._ping_outstanding = self._core.ping(self._loop.time())
+        self._flush()
+        self._keepalive = self._loop.call_later(self._limits.keepalive_s, self._on_keepalive)

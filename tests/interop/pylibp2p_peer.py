@@ -24,7 +24,8 @@ Run as a standalone script in a subprocess; it prints JSON lines on stdout.
     The py-libp2p part of ``benchmarks/transport.py``: two hosts in this process (as
     the benchmark runs its other stacks), a ``listen``-like server and a client.
     It measures connection set-up (a fresh client host per connection), echo round
-    trips of ``--message-bytes`` on one stream (after a 5% warm-up), and bulk upload
+    trips of ``--message-bytes`` on one stream (after a 5% warm-up; with the mean CPU
+    time of the process per round trip), and bulk upload
     of ``--bulk-bytes`` to the sink over 1 and over ``--streams`` parallel streams,
     each transfer stopping early after ``--bulk-cap-s`` seconds;
     prints one ``{"event": "bench"}`` line (times in seconds, throughput in bytes per
@@ -408,7 +409,9 @@ async def run_bench(args: argparse.Namespace) -> int:
             await client.connect(info_from_p2p_addr(addr))
             warm_up = max(10, args.round_trips // 20)
             await echo_round_trips(client, peer, warm_up, args.message_bytes)
+            cpu_start = time.process_time()
             rtts = await echo_round_trips(client, peer, args.round_trips, args.message_bytes)
+            rtt_cpu_s = (time.process_time() - cpu_start) / args.round_trips
             bulk: dict[str, float] = {}
             bulk_cpu: dict[str, float] = {}
             bulk_moved: dict[str, int] = {}
@@ -431,6 +434,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             "security": args.security if args.transport == "tcp" else "quic",
             "connect_s": connects,
             "rtt_median_s": statistics.median(rtts),
+            "rtt_cpu_s": rtt_cpu_s,
             "round_trips": len(rtts),
             "bulk_bytes_per_s": bulk,
             "bulk_bytes_per_cpu_s": bulk_cpu,

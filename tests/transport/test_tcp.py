@@ -41,6 +41,21 @@ FAST = dataclasses.replace(
 )
 
 
+class StreamPipe:
+    """``ByteStream`` over an asyncio stream pair, for a hand-made client."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+
 class Server:
     """A listening TcpTransport whose accepted connections land in a queue."""
 
@@ -275,7 +290,7 @@ async def test_dialer_refuses_listener_without_libp2p_extension(
 
 async def test_client_without_certificate_is_refused(server: Server) -> None:
     reader, writer = await asyncio.open_connection(*server.addr.host_port())
-    pipe = _tcp._SocketPipe(reader, writer)
+    pipe = StreamPipe(reader, writer)
     await select_protocol(pipe, [TLS_PROTOCOL], limits=FAST.multistream)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False

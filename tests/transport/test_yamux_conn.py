@@ -63,11 +63,10 @@ def wrap(
     is_client: bool,
     limits: YamuxLimits,
 ) -> YamuxConnection:
-    reader, writer = side
+    _, writer = side
     local, remote = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
     connection = YamuxConnection(
-        reader,
-        writer,
+        writer.transport,
         is_client=is_client,
         local_peer=CLIENT_ID if is_client else SERVER_ID,
         remote_peer=SERVER_ID if is_client else CLIENT_ID,

@@ -1,0 +1,280 @@
+"""What a shard server announces in the DHT, and reading it back.
+
+Keys (the model is named by its manifest's ``model_id``, so servers of different weights
+never share a key)::
+
+    swarm/v1/models                     sub-key per server: ModelRecord (which model it serves)
+    swarm/v1/<model_id>/block/<i>       sub-key per server: ServerRecord (one per block served)
+
+Sub-keys are the servers' PeerIDs, so each entry is signed by its server and nobody else
+can write or forge it (``dht._records``). Records expire after ``ServerLimits.record_ttl_s``
+and are refreshed every ``announce_interval_s``; a newer announcement always carries a
+later expiry, which is how the DHT picks it over an older copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import msgpack
+
+from dht import DHT, DHTError, Record
+from scheduler import ServerInfo, ServerState, SwarmSnapshot
+from security import InvalidPeerId, PeerId
+from transport import Multiaddr, MultiaddrError
+
+from ._server_limits import ServerLimits
+
+_log = logging.getLogger("model_shards.announce")
+
+RECORD_VERSION = 1
+MODELS_KEY = b"swarm/v1/models"
+_MAX_ADDRS = 16
+
+
+def block_key(model_id: str, index: int) -> bytes:
+    """The DHT key listing the servers of block ``index`` of model ``model_id``."""
+    return f"swarm/v1/{model_id}/block/{index}".encode()
+
+
+class InvalidRecord(ValueError):
+    """A DHT value that is not a well-formed announcement (skipped by readers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """One server of one model as it announces itself, per block it serves."""
+
+    peer_id: PeerId
+    state: ServerState
+    start: int
+    end: int
+    throughput: float
+    """Block-tokens per second (``scheduler`` units)."""
+    cache_tokens_left: int
+    """Tokens of attention cache one new session could still reserve over the whole span."""
+    quantization: str
+    dtype: str
+    addrs: tuple[Multiaddr, ...]
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": RECORD_VERSION,
+                "state": self.state.value,
+                "span": [self.start, self.end],
+                "throughput": float(self.throughput),
+                "cache_tokens_left": self.cache_tokens_left,
+                "quantization": self.quantization,
+                "dtype": self.dtype,
+                "addrs": [addr.to_bytes() for addr in self.addrs[:_MAX_ADDRS]],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, peer_id: PeerId, data: bytes) -> ServerRecord:
+        """Parse an announcement (``InvalidRecord`` for anything malformed)."""
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            if raw["v"] != RECORD_VERSION:
+                raise InvalidRecord(f"record version {raw['v']!r}")
+            start, end = raw["span"]
+            record = cls(
+                peer_id=peer_id,
+                state=ServerState(raw["state"]),
+                start=_int(start),
+                end=_int(end),
+                throughput=float(raw["throughput"]),
+                cache_tokens_left=_int(raw["cache_tokens_left"]),
+                quantization=str(raw["quantization"]),
+                dtype=str(raw["dtype"]),
+                addrs=tuple(Multiaddr.from_bytes(a) for a in raw["addrs"][:_MAX_ADDRS]),
+            )
+        except (ValueError, TypeError, KeyError, MultiaddrError, msgpack.UnpackException) as e:
+            raise InvalidRecord(f"announcement of {peer_id} is malformed: {e!r}") from e
+        if not 0 <= record.start < record.end or not math.isfinite(record.throughput):
+            raise InvalidRecord(f"announcement of {peer_id} has span/throughput out of range")
+        return record
+
+    def server_info(self) -> ServerInfo:
+        """This server as the scheduler sees it (peer key: the base58 PeerID)."""
+        return ServerInfo(
+            peer_id=str(self.peer_id),
+            start=self.start,
+            end=self.end,
+            throughput=max(0.0, self.throughput),
+            state=self.state,
+            cache_tokens_left=max(0, self.cache_tokens_left),
+            quantization=self.quantization,
+            dtype=self.dtype,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """Which model a server serves: its id (manifest hash), display name and shape."""
+
+    model_id: str
+    short_name: str
+    model_type: str
+    num_blocks: int
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.short_name}@{self.model_id[:12]}"
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": RECORD_VERSION,
+                "model": self.model_id,
+                "name": self.short_name,
+                "type": self.model_type,
+                "blocks": self.num_blocks,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelRecord:
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            if raw["v"] != RECORD_VERSION:
+                raise InvalidRecord(f"record version {raw['v']!r}")
+            record = cls(
+                model_id=str(raw["model"]),
+                short_name=str(raw["name"]),
+                model_type=str(raw["type"]),
+                num_blocks=_int(raw["blocks"]),
+            )
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            raise InvalidRecord(f"model announcement is malformed: {e!r}") from e
+        if record.num_blocks < 1:
+            raise InvalidRecord(f"model announcement with {record.num_blocks} blocks")
+        return record
+
+
+def _int(value: object) -> int:
+    if type(value) is not int:
+        raise InvalidRecord(f"{value!r} is not an integer")
+    return value
+
+
+def _owned(found: Record | dict[bytes, Record] | None) -> dict[PeerId, Record]:
+    if not isinstance(found, dict):
+        return {}
+    owned = {}
+    for subkey, record in found.items():
+        try:
+            owned[PeerId.from_bytes(subkey)] = record
+        except InvalidPeerId:
+            continue
+    return owned
+
+
+async def read_servers(dht: DHT, model_id: str, num_blocks: int) -> dict[PeerId, ServerRecord]:
+    """Every server announced for any block of the model, by PeerID (newest record each)."""
+    found = await asyncio.gather(
+        *(dht.get(block_key(model_id, index), latest=True) for index in range(num_blocks))
+    )
+    newest: dict[PeerId, Record] = {}
+    for answer in found:
+        for peer, record in _owned(answer).items():
+            if peer not in newest or record.expiry > newest[peer].expiry:
+                newest[peer] = record
+    servers = {}
+    for peer, record in newest.items():
+        try:
+            servers[peer] = ServerRecord.from_bytes(peer, record.value)
+        except InvalidRecord as e:
+            _log.debug("skipping %s", e)
+    return servers
+
+
+async def read_models(dht: DHT) -> dict[str, ModelRecord]:
+    """Every model some server announced, by model id."""
+    models = {}
+    for record in _owned(await dht.get(MODELS_KEY, latest=True)).values():
+        try:
+            model = ModelRecord.from_bytes(record.value)
+        except InvalidRecord as e:
+            _log.debug("skipping %s", e)
+            continue
+        models[model.model_id] = model
+    return models
+
+
+def snapshot_of(
+    num_blocks: int, servers: Iterable[ServerRecord], *, keep: Callable[[ServerRecord], bool]
+) -> SwarmSnapshot:
+    """The scheduler's view of the servers ``keep`` accepts (spans beyond the model dropped)."""
+    infos = [s.server_info() for s in servers if s.end <= num_blocks and keep(s)]
+    return SwarmSnapshot(num_blocks, tuple(infos))
+
+
+class Announcer:
+    """Keeps one server's records in the DHT: every block of its span, and its model.
+
+    ``announce(state)`` stores them now; ``run()`` refreshes them every
+    ``ServerLimits.announce_interval_s`` with the state last announced. ``describe(state)``
+    gives the record to store (it reads the server's live figures, e.g. cache room).
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        model: ModelRecord,
+        describe: Callable[[ServerState], ServerRecord],
+        limits: ServerLimits,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dht = dht
+        self.model = model
+        self.limits = limits
+        self.state = ServerState.JOINING
+        self._describe = describe
+        self._clock = clock
+        self._last_expiry = 0.0
+
+    async def announce(self, state: ServerState) -> ServerRecord:
+        """Store the server's records with ``state`` (StoreFailed/DHTError when none stuck)."""
+        self.state = state
+        record = self._describe(state)
+        expiry = max(self._clock() + self.limits.record_ttl_s, self._last_expiry + 1e-3)
+        self._last_expiry = expiry
+        value = record.to_bytes()
+        me = self.dht.peer_id
+        await asyncio.gather(
+            self.dht.store(MODELS_KEY, self.model.to_bytes(), expiry, subkey=me),
+            *(
+                self.dht.store(block_key(self.model.model_id, i), value, expiry, subkey=me)
+                for i in range(record.start, record.end)
+            ),
+        )
+        _log.info(
+            "announced %s blocks [%d, %d) of %s",
+            state.value,
+            record.start,
+            record.end,
+            self.model.display_name,
+        )
+        return record
+
+    async def run(self) -> None:
+        """Refresh the records until cancelled; a failed refresh is logged and retried."""
+        while True:
+            await asyncio.sleep(self.limits.announce_interval_s)
+            try:
+                await self.announce(self.state)
+            except DHTError as e:
+                _log.warning("refreshing the DHT records failed, retrying later: %s", e)
+
+
+def describe_servers(servers: Mapping[PeerId, ServerRecord]) -> list[ServerRecord]:
+    """Servers sorted by span, then PeerID (for tables)."""
+    return sorted(servers.values(), key=lambda s: (s.start, s.end, str(s.peer_id)))

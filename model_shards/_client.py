@@ -1,0 +1,330 @@
+"""``DistributedModelForCausalLM``: a Hugging Face causal LM whose blocks run on the swarm.
+
+The client holds the embeddings, final norm and LM head (``load_model_ends``); its
+``forward`` embeds locally, runs the hidden states through a chain of servers and computes
+the logits locally, so ``generate()`` works as for any transformers model: greedy,
+sampling with temperature / top-k / top-p, batches with left padding and attention masks.
+
+Generation runs in an inference session (``model.inference_session(max_length=...)``,
+opened by ``generate`` itself when none is open): each server keeps the attention cache, and
+each forward sends only the tokens the session does not hold yet. The session remembers the
+tokens it was given, so successive ``generate`` calls inside one session continue it, and an
+input that departs from them (a changed prompt, a reordered beam) rolls the servers back to
+the common prefix: the result is always what the whole model would give.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.nn import functional
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from security import PeerId
+from transport import Multiaddr
+
+from ._announce import ServerRecord
+from ._checkpoint import Checkpoint
+from ._client_chain import ChainSession, ChainTrace, RemoteChain
+from ._client_runtime import SwarmClient
+from ._ends import ModelEnds, load_model_ends
+from ._errors import TooLong
+from ._manifest import Manifest, load_manifest
+from ._server_limits import ClientLimits
+from ._wire import Compression
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM of the swarm: local ends, remote blocks. Build with ``from_pretrained``."""
+
+    base_model_prefix = "swarm"
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        ends: ModelEnds,
+        manifest: Manifest,
+        client: SwarmClient,
+        chain: RemoteChain,
+    ) -> None:
+        super().__init__(config)
+        self.post_init()
+        self.ends = ends
+        self.manifest = manifest
+        self.client = client
+        self.chain = chain
+        self._session: RemoteInferenceSession | None = None
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        path_or_name: str | os.PathLike[str],
+        *,
+        initial_peers: Iterable[Multiaddr | str],
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        compression: Compression | str = Compression.NONE,
+        limits: ClientLimits | None = None,
+        client: SwarmClient | None = None,
+    ) -> DistributedModelForCausalLM:
+        """Load the model's ends from a local checkpoint and join the swarm as a client.
+
+        ``path_or_name`` is a checkpoint directory or a Hub name already in the local cache
+        (never downloaded); the model is found in the swarm by its manifest's id.
+        ``initial_peers`` are multiaddrs of any peers of the swarm. ``compression`` applies
+        to hidden states on the wire (``none`` keeps results exact). Pass ``client`` to
+        share one ``SwarmClient`` between models (it is then not closed by ``close``).
+        """
+        limits = limits or ClientLimits()
+        checkpoint = Checkpoint.open(path_or_name, cache_dir=cache_dir)
+        manifest = load_manifest(checkpoint)
+        ends = load_model_ends(checkpoint, dtype=dtype, device=device, manifest=manifest)
+        owned = client is None
+        runtime = client or SwarmClient(initial_peers, limits=limits)
+        chain = RemoteChain(
+            runtime.host,
+            runtime.dht,
+            manifest.model_id,
+            manifest.num_blocks,
+            limits=limits,
+            compression=Compression(compression),
+        )
+        model = cls(checkpoint.config, ends, manifest, runtime, chain)
+        model._owns_client = owned
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(checkpoint.config)
+        return model.eval()
+
+    _owns_client = False
+
+    def close(self) -> None:
+        """Close any open session and, unless it was shared, the swarm client."""
+        if self._session is not None:
+            self._session.close()
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- transformers plumbing ---------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.ends.embeddings
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.ends.lm_head
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Every step gets the whole sequence: the session sends only what servers lack."""
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    # -- the swarm ---------------------------------------------------------------------------
+
+    def servers(self) -> dict[PeerId, ServerRecord]:
+        """The servers the swarm announces for this model (read from the DHT now)."""
+        return self.client.run(self.chain.servers(refresh=True))
+
+    @contextmanager
+    def inference_session(self, *, max_length: int) -> Iterator[RemoteInferenceSession]:
+        """Keep one session on the servers, for up to ``max_length`` tokens per sequence,
+        across ``forward`` and ``generate`` calls inside the ``with`` block."""
+        if self._session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        session = RemoteInferenceSession(self, max_length)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = None
+            session.close()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``, inside an inference session sized for the call
+        (the open one, if any)."""
+        if self._session is not None:
+            return super().generate(inputs, *args, **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("generate needs input_ids: the servers' sessions work on tokens")
+        config = kwargs.get("generation_config") or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if new_tokens is not None:
+            max_length = ids.shape[-1] + new_tokens
+        else:
+            max_length = kwargs.get("max_length", config.max_length)
+        with self.inference_session(max_length=max_length):
+            return super().generate(inputs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits of the tokens given (inside a session: of the tokens it did not hold).
+
+        Positions always follow the attention mask (as ``generate`` numbers them).
+        Outside a session the call is stateless and differentiable: gradients flow to
+        ``inputs_embeds`` through the servers' backward.
+        """
+        if position_ids is not None:
+            raise ValueError(
+                "position_ids are derived from attention_mask on the servers; do not pass them"
+            )
+        if self._session is not None:
+            if input_ids is None or labels is not None:
+                raise ValueError("inside an inference session, pass input_ids and no labels")
+            hidden = self._session.advance(input_ids, attention_mask)
+        else:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("pass exactly one of input_ids and inputs_embeds")
+            embeds = self.ends.embed(input_ids) if inputs_embeds is None else inputs_embeds
+            hidden = self._remote_forward(embeds, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.ends.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _remote_forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _RemoteBlocks.apply(hidden, attention_mask, self)
+        output = self.client.run(self.chain.forward(hidden.detach().cpu(), attention_mask))
+        return output.to(hidden.device)
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    """The swarm's blocks as one differentiable function of the hidden states."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        model: DistributedModelForCausalLM,
+    ) -> torch.Tensor:
+        trace: ChainTrace = model.client.run(
+            model.chain.trace(hidden.detach().cpu(), attention_mask)
+        )
+        ctx.trace, ctx.model, ctx.device = trace, model, hidden.device
+        return trace.output.to(hidden.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        model: DistributedModelForCausalLM = ctx.model
+        grad = model.client.run(model.chain.backward(ctx.trace, grad_output.detach().cpu()))
+        return grad.to(ctx.device), None, None
+
+
+class RemoteInferenceSession:
+    """One generation's sessions on the servers, and the tokens they hold.
+
+    Opened on the first forward (which fixes the batch size); ``position`` tokens are held.
+    """
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.model = model
+        self.max_length = max_length
+        self._chain: ChainSession | None = None
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._closed = False
+
+    @property
+    def position(self) -> int:
+        return 0 if self._ids is None else self._ids.shape[1]
+
+    @property
+    def route(self) -> list[str]:
+        """The chain's hops as ``peer[start:end]`` (empty until the first forward)."""
+        return [] if self._chain is None else [str(hop) for hop in self._chain.route]
+
+    def advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The last block's output for the tokens of ``input_ids`` the servers lack."""
+        if self._closed:
+            raise RuntimeError("this inference session is closed")
+        input_ids = input_ids.detach().cpu()
+        batch, length = input_ids.shape
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.detach().cpu() != 0
+        )
+        if length > self.max_length:
+            raise TooLong(
+                f"{length} tokens exceed the inference session's max_length={self.max_length}"
+            )
+        model = self.model
+        if self._chain is None:
+            self._chain = model.client.run(
+                model.chain.open_session(batch_size=batch, max_length=self.max_length)
+            )
+        elif self._ids is not None and batch != self._ids.shape[0]:
+            raise ValueError(f"the session holds a batch of {self._ids.shape[0]}, not {batch}")
+        keep = min(self._common_prefix(input_ids, mask), length - 1)
+        if keep < self.position:
+            model.client.run(self._chain.rollback(keep))
+        new_ids = input_ids[:, keep:]
+        hidden = model.ends.embed(new_ids).detach().cpu()
+        output = model.client.run(self._chain.step(hidden, mask[:, keep:]))
+        self._ids, self._mask = input_ids, mask
+        return output.to(model.ends.device)
+
+    def _common_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+        if self._ids is None or self._mask is None:
+            return 0
+        n = min(self.position, input_ids.shape[1])
+        same = (self._ids[:, :n] == input_ids[:, :n]) & (self._mask[:, :n] == mask[:, :n])
+        return int(torch.cumprod(same.all(dim=0).int(), dim=0).sum())
+
+    def close(self) -> None:
+        """End the servers' sessions (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._chain is not None:
+            self.model.client.run(self._chain.close())
+
+    def __enter__(self) -> RemoteInferenceSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

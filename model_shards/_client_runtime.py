@@ -1,0 +1,119 @@
+"""The client's networking, on an event loop of its own, for synchronous callers.
+
+Hugging Face's ``generate`` is synchronous; the Host and the DHT are asyncio. A
+``SwarmClient`` runs a Host (TCP and QUIC, dialing only) and a DHT client on an event loop
+in one background thread; the caller's thread keeps the torch work (embeddings, LM head,
+sampling) and hands each network exchange to the loop with ``run``: one hand-over per
+generated token, however many servers the chain has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+from dht import DHT, DhtLimits
+from p2p import Host, HostLimits
+from security import KeyPair
+from transport import Multiaddr, QuicTransport, TcpTransport, Transport
+
+from ._server_limits import ClientLimits
+
+T = TypeVar("T")
+
+
+class SwarmClient:
+    """A Host and a DHT client on a background event loop; ``close()`` stops both."""
+
+    def __init__(
+        self,
+        initial_peers: Iterable[Multiaddr | str],
+        *,
+        identity: KeyPair | None = None,
+        limits: ClientLimits | None = None,
+        transports: Sequence[Transport] | None = None,
+        host_limits: HostLimits | None = None,
+        dht_limits: DhtLimits | None = None,
+    ) -> None:
+        self.limits = limits or ClientLimits()
+        self.identity = identity or KeyPair.generate()
+        peers = [Multiaddr.from_string(p) if isinstance(p, str) else p for p in initial_peers]
+        if not peers:
+            raise ValueError("initial_peers is empty: give the multiaddr of a server or bootstrap")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="swarm-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        try:
+            self.host, self.dht = self.run(
+                self._start(peers, transports, host_limits, dht_limits),
+                timeout=self.limits.connect_timeout_s,
+            )
+        except BaseException:
+            self._closed = True
+            self._shutdown_loop()
+            raise
+
+    async def _start(
+        self,
+        peers: list[Multiaddr],
+        transports: Sequence[Transport] | None,
+        host_limits: HostLimits | None,
+        dht_limits: DhtLimits | None,
+    ) -> tuple[Host, DHT]:
+        identity = self.identity
+        host = Host(
+            identity,
+            transports or [TcpTransport(identity), QuicTransport(identity)],
+            host_limits or HostLimits(),
+        )
+        await host.start([])
+        dht = DHT(host, dht_limits or DhtLimits(), server_mode=False, identity=identity)
+        try:
+            await dht.start(bootstrap=peers)
+        except BaseException:
+            await dht.stop()
+            await host.stop()
+            raise
+        return host, dht
+
+    def run(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
+        """Run ``coro`` on the client's loop and wait for its result (from another thread)."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError("this SwarmClient is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Stop the DHT client and the Host, then the loop and its thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.run(self._stop(), timeout=self.limits.connect_timeout_s)
+        finally:
+            self._closed = True
+            self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _stop(self) -> None:
+        await self.dht.stop()
+        await self.host.stop()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

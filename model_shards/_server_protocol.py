@@ -1,0 +1,116 @@
+"""The shard server's protocols: names, message fields, and tensors carried as payloads.
+
+Three protocols over the ``p2p`` Host's RPC (msgpack values, raw payloads):
+
+``INFERENCE`` (streaming call; one message each way per request, in order)::
+
+    -> {"op": "open", "model": id, "start": a, "end": b, "batch": n, "max_length": L}
+    <- {"op": "opened", "position": 0}                      (or an error, then the call ends)
+    -> {"op": "step", "tensors": [h, m], "compression": c}  payload: hidden [, mask]
+    <- {"op": "out", "position": p, "tensors": [h]}         payload: hidden
+    -> {"op": "rollback", "position": p}
+    <- {"op": "ok", "position": p}
+    -> (the client closes its side: the session is closed and its cache freed)
+
+``FORWARD`` / ``BACKWARD`` (unary): ``{"model", "start", "end", "tensors", "compression"}``
+with hidden [, mask] (forward) or hidden, grad_output [, mask] (backward) as the payload;
+the answer carries one tensor (the output, or the gradient of the input).
+
+A payload is the wire forms of its tensors (``_wire``) one after the other; ``tensors``
+lists their byte lengths. An error answer is ``{"error": code, "message": ...}``
+(``_server_errors``): in a stream as a message, so the session lives on after a bad
+step; in a unary call as the RPC error code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._errors import BadRequest, MalformedTensor
+from ._limits import WireLimits
+from ._wire import Compression, decode_tensor, encode_tensor
+
+INFERENCE_PROTOCOL = "/swarm/shards/inference/1.0.0"
+FORWARD_PROTOCOL = "/swarm/shards/forward/1.0.0"
+BACKWARD_PROTOCOL = "/swarm/shards/backward/1.0.0"
+
+MAX_TENSORS = 4
+"""Most tensors one message carries."""
+
+
+def pack_tensors(
+    tensors: Sequence[torch.Tensor], compression: Compression = Compression.NONE
+) -> tuple[list[int], bytes]:
+    """The byte lengths of the tensors' wire forms and the payload holding them all.
+
+    Hidden states and gradients travel with ``compression``; masks (integers) never do.
+    """
+    sizes: list[int] = []
+    parts: list[bytes | bytearray | memoryview] = []
+    for tensor in tensors:
+        chosen = compression if tensor.is_floating_point() else Compression.NONE
+        buffers = encode_tensor(tensor, chosen)
+        sizes.append(sum(len(memoryview(b).cast("B")) for b in buffers))
+        parts.extend(buffers)
+    return sizes, b"".join(parts)
+
+
+def unpack_tensors(
+    sizes: object, payload: memoryview | None, limits: WireLimits, *, count: range
+) -> list[torch.Tensor]:
+    """The tensors of a payload (``MalformedTensor`` / ``TensorTooLarge`` on bad input).
+
+    The tensors are views of ``payload`` where no decompression is needed: keep it alive.
+    """
+    if (
+        not isinstance(sizes, list)
+        or not all(type(s) is int and s >= 0 for s in sizes)
+        or len(sizes) not in count
+    ):
+        raise MalformedTensor(
+            f"'tensors' must list {count.start} to {count.stop - 1} byte lengths, got {sizes!r}"
+        )
+    view = memoryview(b"") if payload is None else payload.cast("B")
+    if sum(sizes) != len(view):
+        raise MalformedTensor(
+            f"tensors of {sum(sizes)} bytes announced, the payload holds {len(view)}"
+        )
+    tensors = []
+    offset = 0
+    for size in sizes:
+        tensors.append(decode_tensor(view[offset : offset + size], limits))
+        offset += size
+    return tensors
+
+
+def require(message: Mapping[str, Any], name: str, kind: type) -> Any:
+    """``message[name]`` checked to be a ``kind`` (``BadRequest`` naming the field otherwise)."""
+    value = message.get(name)
+    if kind is int and type(value) is not int:
+        raise BadRequest(f"request field {name!r} must be an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise BadRequest(f"request field {name!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def compression_of(message: Mapping[str, Any]) -> Compression:
+    """The compression a request asks for its answer (default: none)."""
+    value = message.get("compression", Compression.NONE.value)
+    try:
+        return Compression(value)
+    except ValueError:
+        known = ", ".join(c.value for c in Compression)
+        raise BadRequest(f"unknown compression {value!r}; use one of {known}") from None
+
+
+def as_mask(tensor: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """A received attention mask, checked to fit the hidden states it comes with."""
+    if tensor.is_floating_point() or tensor.shape != hidden.shape[:2]:
+        raise BadRequest(
+            f"attention mask {tensor.dtype} {list(tensor.shape)} must hold integers of shape "
+            f"[batch, tokens] = {list(hidden.shape[:2])}"
+        )
+    return tensor

@@ -1,0 +1,3 @@
+from swarm._cli import main
+
+main()

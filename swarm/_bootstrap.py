@@ -1,0 +1,31 @@
+"""``swarm bootstrap``: a DHT node that serves no blocks, for others to join through."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, stop_signal
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MADDR")
+    parser.add_argument("--listen", action="append", default=[], metavar="MADDR")
+    parser.add_argument("--identity", help="key file (created if missing); default: a new key")
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = stop_signal()
+    host, dht = await start_peer(
+        identity_from(args.identity),
+        args.listen or DEFAULT_LISTEN,
+        args.bootstrap,
+        server_mode=True,
+    )
+    try:
+        for addr in host.addrs:
+            say(f"listening on {addr}")
+        await stop.wait()
+    finally:
+        await stop_peer(host, dht)
+    say("offline")
+    return 0

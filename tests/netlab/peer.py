@@ -1,0 +1,154 @@
+"""A Swarm peer for the network lab, run as ``ip netns exec NS python tests/netlab/peer.py``.
+
+It starts a Host listening on QUIC (``0.0.0.0``, port from ``--port``), prints one JSON
+line ``{"peer_id", "port"}`` and then answers one JSON line per request line on stdin
+(see ``OPS``). It serves ``/netlab/echo/1`` so that tests can check a connection carries
+RPC. It exits when stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from p2p import Host, HostLimits, RpcContext
+from p2p.discovery import MdnsDiscovery
+from p2p.nat import Autonat
+from security import KeyPair, PeerId
+from transport import Multiaddr, QuicTransport, TransportLimits
+
+ECHO = "/netlab/echo/1"
+
+Op = Callable[["Peer", dict[str, Any]], Awaitable[Any]]
+
+
+class Peer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.identity = KeyPair.generate()
+        self.quic = QuicTransport(self.identity)
+        transport_limits = replace(TransportLimits(), dial_timeout_s=args.dial_timeout)
+        self.host = Host(self.identity, [self.quic], HostLimits(transport=transport_limits))
+        self.autonat = Autonat(self.host, self.identity, serve=args.autonat_server)
+        self.mdns = MdnsDiscovery(self.host, interfaces=[args.ip]) if args.mdns else None
+
+    async def start(self) -> dict[str, Any]:
+        await self.host.start([Multiaddr.for_quic("0.0.0.0", self.args.port)])
+        self.host.add_rpc_handler(ECHO, _echo)
+        port = self.host.listen_addrs[0].host_port()[1]
+        await self.autonat.start()
+        if self.mdns is not None:
+            await self.mdns.start()
+        return {"peer_id": str(self.host.peer_id), "port": port}
+
+    async def stop(self) -> None:
+        if self.mdns is not None:
+            await self.mdns.stop()
+        await self.autonat.stop()
+        await self.host.stop()
+
+
+async def _echo(ctx: RpcContext, request: Any, payload: Any) -> Any:
+    return {"echo": request, "from": str(ctx.peer)}
+
+
+def _target(value: str) -> PeerId | Multiaddr:
+    return Multiaddr.from_string(value) if value.startswith("/") else PeerId.from_base58(value)
+
+
+async def op_connect(peer: Peer, req: dict[str, Any]) -> str:
+    return str(await peer.host.connect(_target(req["addr"])))
+
+
+async def op_peers(peer: Peer, req: dict[str, Any]) -> list[str]:
+    return sorted(str(p) for p in peer.host.connected_peers())
+
+
+async def op_wait_peers(peer: Peer, req: dict[str, Any]) -> list[str]:
+    want = {PeerId.from_base58(p) for p in req["peers"]}
+    async with asyncio.timeout(req.get("timeout", 10.0)):
+        while not want <= set(peer.host.connected_peers()):  # noqa: ASYNC110 - polls the Host
+            await asyncio.sleep(0.05)
+    return sorted(str(p) for p in peer.host.connected_peers())
+
+
+async def op_echo(peer: Peer, req: dict[str, Any]) -> Any:
+    reply = await peer.host.rpc_call(
+        _target(req["peer"]), ECHO, req["text"], timeout=req.get("timeout", 10.0)
+    )
+    return reply.value
+
+
+async def op_connections(peer: Peer, req: dict[str, Any]) -> list[dict[str, str]]:
+    target = PeerId.from_base58(req["peer"])
+    return [
+        {"transport": conn.transport_name, "remote": str(conn.remote_addr)}
+        for conn in peer.host.connections(target)
+    ]
+
+
+async def op_addrs(peer: Peer, req: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "addrs": [str(a) for a in peer.host.addrs],
+        "observed": {str(a): n for a, n in peer.host.observed_addrs.items()},
+    }
+
+
+async def op_reachability(peer: Peer, req: dict[str, Any]) -> dict[str, Any]:
+    servers = [PeerId.from_base58(p) for p in req["servers"]]
+    result = await peer.autonat.check(servers)
+    addr = None if result.addr is None else str(result.addr)
+    return {"status": str(result.status), "addr": addr, "answered": result.answered}
+
+
+OPS: dict[str, Op] = {
+    "addrs": op_addrs,
+    "connect": op_connect,
+    "connections": op_connections,
+    "echo": op_echo,
+    "peers": op_peers,
+    "reachability": op_reachability,
+    "wait_peers": op_wait_peers,
+}
+
+
+async def _serve(peer: Peer) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        req = json.loads(line)
+        try:
+            answer: dict[str, Any] = {"result": await OPS[req["op"]](peer, req)}
+        except Exception as exc:
+            logging.getLogger("netlab").debug("op %s failed", req["op"], exc_info=True)
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), flush=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ip", required=True, help="this namespace's address")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dial-timeout", type=float, default=3.0)
+    parser.add_argument("--autonat-server", action="store_true", help="dial others back")
+    parser.add_argument("--mdns", action="store_true", help="discover LAN peers on --ip")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    peer = Peer(args)
+    hello = await peer.start()
+    print(json.dumps(hello), flush=True)
+    try:
+        await _serve(peer)
+    finally:
+        await peer.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
