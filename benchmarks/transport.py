@@ -8,7 +8,11 @@ Each configuration runs its server and its client in one process and one event l
 on 127.0.0.1 (py-libp2p, trio based, runs both its hosts in one subprocess of
 ``tests/interop/pylibp2p_peer.py bench``): every figure is the CPU cost of both ends on
 one core, the same for every stack, and is not at the mercy of process wake-ups on a
-busy 2-core machine. Per configuration:
+busy 2-core machine. The machine is shared, so each raw baseline runs interleaved with
+the Swarm configuration it is compared with: both are connected at once and measured in
+alternating slices (connections one by one, round trips in 10 blocks, bulk transfers in
+4 slices, 8 for a full run), so that the load of other programs hits both alike.
+Per configuration:
 
 * set-up: median time to open one new authenticated connection (Swarm: ``Transport.dial``,
   with the libp2p certificate check; TCP: multistream, TLS 1.3, multistream, yamux);
@@ -18,14 +22,14 @@ busy 2-core machine. Per configuration:
   Swarm: ``Host.rpc_call`` (a new stream per call, lazily negotiated, framed), and, in
   the "stream RTT" column, echo on one open Host stream;
 * bulk (and "MiB/CPU-s": bytes per CPU-second of the process, both ends, one stream):
-  upload of ``bulk_bytes`` (256 MiB, 64 MiB with ``--quick``) to a sink that
-  answers the byte count after reading end of stream, over one stream and split over 4
-  parallel streams (raw TLS: over 4 TLS connections, having no multiplexer); 64 KiB
-  writes; throughput = bytes / time from the first write to the count's arrival. A
-  transfer stops early once it has run ``bulk_cap_s`` (40 s, 10 s with ``--quick``), so
-  that slow stacks and a loaded machine still finish; the table shows the MiB moved.
-  Raw TLS is never cut short (asyncio's TLS cannot half-close, so its sink is told the
-  length up front), which takes it about a second.
+  upload of ``bulk_bytes`` (256 MiB, 64 MiB with ``--quick``) to sinks that answer the
+  byte count after reading end of stream, over one stream at a time and split over 4
+  parallel streams (raw TLS: 4 TLS connections, having no multiplexer); 64 KiB writes;
+  throughput = bytes / time from the first write to the counts' arrival. A transfer
+  stops early once it has run ``bulk_cap_s`` (40 s, 10 s with ``--quick``, shared by its
+  slices), so that slow stacks and a loaded machine still finish; the table shows the
+  MiB moved. Raw TLS is never cut short (asyncio's TLS cannot half-close, so its sink is
+  told the length up front); it takes about a second.
 
 Baselines: raw aioquic (``aioquic.asyncio`` serve/connect with plain echo and sink stream
 handlers, tuned as Swarm's QUIC is by ``QuicLimits``: flow-control windows, datagram size,
@@ -110,6 +114,7 @@ class Plan:
     round_trips: int
     message_bytes: int
     bulk_bytes: int
+    bulk_slices: int
     bulk_cap_s: float
     streams: int
     chunk_bytes: int
@@ -123,6 +128,7 @@ class Plan:
             round_trips=500 if quick else 2000,
             message_bytes=64,
             bulk_bytes=(64 if quick else 256) * MIB,
+            bulk_slices=BULK_SLICES_QUICK if quick else BULK_SLICES_FULL,
             bulk_cap_s=10.0 if quick else 40.0,
             streams=4,
             chunk_bytes=64 * 1024,
@@ -190,43 +196,104 @@ class Pipe(Protocol):
     async def close(self) -> None: ...
 
 
-OpenPipe = Callable[[bytes], Awaitable[Pipe]]
-"""Opens a new stream in a mode (``MODE_ECHO`` or ``MODE_SINK``)."""
+Call = Callable[[bytes], Awaitable[bytes]]
+"""One request/response exchange: send the bytes, return the answer."""
+
+
+@dataclass(slots=True)
+class Env:
+    """One configuration, connected and ready to measure (server and client in this loop)."""
+
+    key: str
+    name: str
+    connect_once: Callable[[], Awaitable[float]]
+    """Opens and closes one new connection; returns the seconds it took to open."""
+    call: Call
+    """The round trip compared across stacks (Swarm: ``Host.rpc_call``)."""
+    open_sink: Callable[[int], Awaitable[Pipe]]
+    """Opens a sink stream for a transfer of the given length."""
+    stream_call: Call | None = None
+    """Swarm only: echo on one open Host stream."""
+    cap_transfers: bool = True
+    """False where the sink needs the length up front (raw TLS cannot half-close)."""
 
 
 # ---------------------------------------------------------------- measurements
+#
+# The machine is shared: other programs' load comes and goes within seconds. Each
+# baseline is therefore measured interleaved with the Swarm configuration it is compared
+# with, in short alternating slices, so that a load spike hits both alike.
+
+RTT_BLOCKS = 10
+BULK_SLICES_QUICK = 4
+BULK_SLICES_FULL = 8
 
 
-async def measure_round_trips(
-    call: Callable[[bytes], Awaitable[bytes]], plan: Plan
-) -> tuple[float, float]:
-    """Median seconds of ``plan.round_trips`` exchanges after a 5% warm-up, and the mean
-    CPU seconds (this process: both ends) each took."""
-    payload = secrets.token_bytes(plan.message_bytes)
-    for _ in range(max(10, plan.round_trips // 20)):
-        await call(payload)
+async def measure_connects(envs: list[Env], plan: Plan, results: dict[str, Result]) -> None:
+    samples: dict[str, list[float]] = {env.key: [] for env in envs}
+    for i in range(plan.connects):
+        for env in rotate(envs, i):
+            samples[env.key].append(await env.connect_once())
+    for env in envs:
+        results[env.key].connect_s = statistics.median(samples[env.key])
+
+
+def rotate(envs: list[Env], i: int) -> list[Env]:
+    """The alternation order of slice ``i``: who goes first changes every slice."""
+    k = i % len(envs)
+    return envs[k:] + envs[:k]
+
+
+async def round_trip_block(call: Call, payload: bytes, count: int) -> tuple[list[float], float]:
+    """``count`` exchanges: their seconds each, and the CPU seconds all took."""
     rtts: list[float] = []
     cpu_start = time.process_time()
-    for _ in range(plan.round_trips):
+    for _ in range(count):
         start = time.perf_counter()
         answer = await call(payload)
         rtts.append(time.perf_counter() - start)
         if answer != payload:
             raise RuntimeError(f"echo answered {len(answer)} other bytes to {len(payload)}")
-    return statistics.median(rtts), (time.process_time() - cpu_start) / plan.round_trips
+    return rtts, time.process_time() - cpu_start
 
 
-async def measure_bulk(
-    open_pipe: OpenPipe, total: int, streams: int, chunk: int, cap_s: float | None
+async def measure_round_trips(envs: list[Env], plan: Plan, results: dict[str, Result]) -> None:
+    """Median of ``plan.round_trips`` exchanges per call (after a 5% warm-up), in
+    ``RTT_BLOCKS`` alternating blocks, and the mean CPU time of one exchange."""
+    payload = secrets.token_bytes(plan.message_bytes)
+    calls = [(env.key, "rtt", env.call) for env in envs]
+    calls += [(env.key, "stream", env.stream_call) for env in envs if env.stream_call]
+    samples: dict[tuple[str, str], list[float]] = {(k, w): [] for k, w, _ in calls}
+    cpu: dict[tuple[str, str], float] = dict.fromkeys(samples, 0.0)
+    for _, _, call in calls:
+        await round_trip_block(call, payload, max(10, plan.round_trips // 20))
+    per_block = max(1, plan.round_trips // RTT_BLOCKS)
+    for i in range(RTT_BLOCKS):
+        k = i % len(calls)
+        for key, what, call in calls[k:] + calls[:k]:
+            rtts, cpu_s = await round_trip_block(call, payload, per_block)
+            samples[key, what] += rtts
+            cpu[key, what] += cpu_s
+    for key, what, _ in calls:
+        median = statistics.median(samples[key, what])
+        if what == "rtt":
+            results[key].rtt_s = results[key].stream_rtt_s = median
+            results[key].rtt_cpu_s = cpu[key, what] / len(samples[key, what])
+    for key, what, _ in calls:
+        if what == "stream":
+            results[key].stream_rtt_s = statistics.median(samples[key, what])
+
+
+async def bulk_slice(
+    env: Env, total: int, streams: int, chunk: int, cap_s: float | None
 ) -> tuple[int, float, float]:
-    """Bytes moved, bytes per second and bytes per CPU-second (of this process, both
-    ends) of ``total`` bytes split over ``streams`` parallel sink streams, each stopping
-    early once ``cap_s`` seconds have passed."""
-    pipes = [await open_pipe(MODE_SINK) for _ in range(streams)]
+    """Upload ``total`` bytes split over ``streams`` parallel sink streams, each stopping
+    early after ``cap_s`` seconds: bytes moved, wall seconds, CPU seconds (both ends)."""
     share = total // streams
+    pipes = [await env.open_sink(share) for _ in range(streams)]
     block = secrets.token_bytes(chunk)
     start, cpu_start = time.perf_counter(), time.process_time()
-    stop_at = None if cap_s is None else start + cap_s
+    stop_at = None if cap_s is None or not env.cap_transfers else start + cap_s
 
     async def send(pipe: Pipe) -> int:
         sent = 0
@@ -237,41 +304,47 @@ async def measure_bulk(
         await pipe.close_write()
         count = int.from_bytes(await pipe.readexactly(COUNT_BYTES), "big")
         if count != sent:
-            raise RuntimeError(f"sink counted {count} bytes, {sent} were sent")
+            raise RuntimeError(f"{env.name}: sink counted {count} bytes, {sent} were sent")
         await pipe.close()
         return sent
 
     moved = sum(await asyncio.gather(*(send(p) for p in pipes)))
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return moved, moved / wall, moved / cpu
+    return moved, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-async def measure_all_bulk(result: Result, plan: Plan, open_pipe: OpenPipe) -> None:
+async def measure_bulk(envs: list[Env], plan: Plan, results: dict[str, Result]) -> None:
+    """Bulk over 1 and ``plan.streams`` streams, each transfer cut in alternating slices;
+    throughput = bytes of all slices / their time."""
+    slices = plan.bulk_slices
     for streams in (1, plan.streams):
-        moved, bps, cpu_bps = await measure_bulk(
-            open_pipe, plan.bulk_bytes, streams, plan.chunk_bytes, plan.bulk_cap_s
-        )
-        result.bulk_moved[streams], result.bulk_bps[streams] = moved, bps
-        result.bulk_cpu_bps[streams] = cpu_bps
+        moved = dict.fromkeys((env.key for env in envs), 0)
+        wall = dict.fromkeys(moved, 0.0)
+        cpu = dict.fromkeys(moved, 0.0)
+        for i in range(slices):
+            for env in rotate(envs, i):
+                n, w, c = await bulk_slice(
+                    env,
+                    plan.bulk_bytes // slices,
+                    streams,
+                    plan.chunk_bytes,
+                    plan.bulk_cap_s / slices,
+                )
+                moved[env.key] += n
+                wall[env.key] += w
+                cpu[env.key] += c
+        for env in envs:
+            result = results[env.key]
+            result.bulk_moved[streams] = moved[env.key]
+            result.bulk_bps[streams] = moved[env.key] / wall[env.key]
+            result.bulk_cpu_bps[streams] = moved[env.key] / cpu[env.key]
 
 
-async def measure_all(
-    result: Result,
-    plan: Plan,
-    connect_once: Callable[[], Awaitable[float]],
-    open_pipe: OpenPipe,
-) -> None:
-    """Set-up, echo round trip on one stream, and bulk over 1 and ``plan.streams``."""
-    result.connect_s = statistics.median([await connect_once() for _ in range(plan.connects)])
-    echo = await open_pipe(MODE_ECHO)
-
-    async def call(payload: bytes) -> bytes:
-        await echo.write(payload)
-        return await echo.readexactly(len(payload))
-
-    result.stream_rtt_s, result.rtt_cpu_s = await measure_round_trips(call, plan)
-    await echo.close()
-    await measure_all_bulk(result, plan, open_pipe)
+async def measure_pair(envs: list[Env], plan: Plan) -> dict[str, Result]:
+    results = {env.key: Result(env.name) for env in envs}
+    await measure_connects(envs, plan, results)
+    await measure_round_trips(envs, plan, results)
+    await measure_bulk(envs, plan, results)
+    return results
 
 
 async def serve_stream(
@@ -310,6 +383,14 @@ class TaskSet:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def echo_call(pipe: Pipe) -> Call:
+    async def call(payload: bytes) -> bytes:
+        await pipe.write(payload)
+        return await pipe.readexactly(len(payload))
+
+    return call
 
 
 # ---------------------------------------------------------------- raw aioquic
@@ -417,8 +498,8 @@ class StreamPipe:
         self._writer.close()
 
 
-async def bench_raw_quic(plan: Plan) -> Result:
-    result = Result("raw aioquic")
+@contextlib.asynccontextmanager
+async def raw_quic_env() -> AsyncIterator[Env]:
     tasks = TaskSet()
 
     def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -455,17 +536,23 @@ async def bench_raw_quic(plan: Plan) -> Result:
     try:
         async with client() as proto:
 
-            async def open_pipe(mode: bytes) -> Pipe:
+            async def open_pipe(mode: bytes) -> QuicPipe:
                 reader, writer = await proto.create_stream()
                 writer.write(mode)
                 return QuicPipe(proto, reader, writer)
 
-            await measure_all(result, plan, connect_once, open_pipe)
+            echo = await open_pipe(MODE_ECHO)
+            yield Env(
+                "raw_quic",
+                "raw aioquic",
+                connect_once,
+                echo_call(echo),
+                lambda length: open_pipe(MODE_SINK),
+            )
+            await echo.close()
     finally:
         server.close()
         await tasks.cancel()
-    result.rtt_s = result.stream_rtt_s
-    return result
 
 
 # ---------------------------------------------------------------- raw TLS over TCP
@@ -489,9 +576,10 @@ def tls_contexts() -> Iterator[tuple[ssl.SSLContext, ssl.SSLContext]]:
     yield server, client
 
 
-async def bench_raw_tls(plan: Plan) -> Result:
-    """asyncio's TLS transport cannot half-close, so a sink stream starts with its length."""
-    result = Result("raw TLS/TCP")
+@contextlib.asynccontextmanager
+async def raw_tls_env() -> AsyncIterator[Env]:
+    """Each stream is a TLS connection whose header gives its mode and, for the sink
+    (asyncio's TLS cannot half-close), the length to expect."""
     tasks = TaskSet()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -528,43 +616,25 @@ async def bench_raw_tls(plan: Plan) -> Result:
             writer.close()
             return elapsed
 
-        def opener(length: int) -> OpenPipe:
-            """Each stream is a TLS connection whose header says the sink's length."""
-
-            async def open_pipe(mode: bytes) -> Pipe:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
-                writer.write(mode + length.to_bytes(COUNT_BYTES, "big"))
-                return StreamPipe(reader, writer)
-
-            return open_pipe
+        async def open_pipe(mode: bytes, length: int) -> StreamPipe:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+            writer.write(mode + length.to_bytes(COUNT_BYTES, "big"))
+            return StreamPipe(reader, writer)
 
         try:
-            result.connect_s = statistics.median(
-                [await connect_once() for _ in range(plan.connects)]
+            echo = await open_pipe(MODE_ECHO, 0)
+            yield Env(
+                "raw_tls",
+                "raw TLS/TCP",
+                connect_once,
+                echo_call(echo),
+                lambda length: open_pipe(MODE_SINK, length),
+                cap_transfers=False,
             )
-            echo = await opener(0)(MODE_ECHO)
-
-            async def call(payload: bytes) -> bytes:
-                await echo.write(payload)
-                return await echo.readexactly(len(payload))
-
-            result.rtt_s, result.rtt_cpu_s = await measure_round_trips(call, plan)
-            result.stream_rtt_s = result.rtt_s
             await echo.close()
-            for streams in (1, plan.streams):
-                moved, bps, cpu_bps = await measure_bulk(
-                    opener(plan.bulk_bytes // streams),
-                    plan.bulk_bytes,
-                    streams,
-                    plan.chunk_bytes,
-                    cap_s=None,
-                )
-                result.bulk_moved[streams], result.bulk_bps[streams] = moved, bps
-                result.bulk_cpu_bps[streams] = cpu_bps
         finally:
             server.close()
             await tasks.cancel()
-    return result
 
 
 # ---------------------------------------------------------------- Swarm
@@ -588,8 +658,9 @@ async def rpc_echo(ctx: RpcContext, request: Any, payload: memoryview | None) ->
     return RpcReply(payload=payload)
 
 
-async def bench_swarm(kind: str, plan: Plan) -> Result:
-    result = Result(f"Swarm {kind.upper()}")
+@contextlib.asynccontextmanager
+async def swarm_env(kind: str) -> AsyncIterator[Env]:
+    """Two Hosts; set-up is measured with ``Transport.dial`` from a third identity."""
     server_id, client_id, dialer_id = (KeyPair.generate() for _ in range(3))
     server = Host(server_id, transports=[swarm_transport(kind, server_id)])
     server.set_stream_handler(ECHO_PROTOCOL, serve_host_stream)
@@ -610,22 +681,27 @@ async def bench_swarm(kind: str, plan: Plan) -> Result:
         async with Host(client_id, transports=[swarm_transport(kind, client_id)]) as client:
             peer = await client.connect(addr)
 
-            async def open_pipe(mode: bytes) -> Pipe:
-                protocol = ECHO_PROTOCOL if mode == MODE_ECHO else SINK_PROTOCOL
+            async def open_pipe(protocol: str) -> Pipe:
                 stream, _ = await client.new_stream(peer, [protocol])
                 return stream
-
-            await measure_all(result, plan, connect_once, open_pipe)
 
             async def rpc(payload: bytes) -> bytes:
                 reply = await client.rpc_call(peer, RPC_ECHO_PROTOCOL, None, payload)
                 return bytes(reply.payload or b"")
 
-            result.rtt_s, result.rtt_cpu_s = await measure_round_trips(rpc, plan)
+            echo = await open_pipe(ECHO_PROTOCOL)
+            yield Env(
+                f"swarm_{kind}",
+                f"Swarm {kind.upper()}",
+                connect_once,
+                rpc,
+                lambda length: open_pipe(SINK_PROTOCOL),
+                stream_call=echo_call(echo),
+            )
+            await echo.close()
     finally:
         await dialer.close()
         await server.stop()
-    return result
 
 
 # ---------------------------------------------------------------- py-libp2p
@@ -775,22 +851,37 @@ def goal_report(values: dict[str, float | None]) -> dict[str, bool | None]:
 # ---------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def progress(what: str) -> Iterator[None]:
+    """Say on stderr what is measured and how long it took."""
+    print(f"... {what}", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f" ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
 async def run_round(only: set[str], plan: Plan) -> dict[str, Result]:
-    """One pass over every configuration, each baseline next to what it is compared with."""
-    steps: list[tuple[str, str, Callable[[], Awaitable[Result]]]] = [
-        ("raw", "raw_quic", lambda: bench_raw_quic(plan)),
-        ("swarm", "swarm_quic", lambda: bench_swarm("quic", plan)),
-        ("raw", "raw_tls", lambda: bench_raw_tls(plan)),
-        ("swarm", "swarm_tcp", lambda: bench_swarm("tcp", plan)),
-        ("pylibp2p", "pylibp2p_quic", lambda: bench_pylibp2p("quic", "tls", plan)),
-        ("pylibp2p", "pylibp2p_tcp_tls", lambda: bench_pylibp2p("tcp", "tls", plan)),
-        ("pylibp2p", "pylibp2p_tcp_noise", lambda: bench_pylibp2p("tcp", "noise", plan)),
-    ]
+    """One pass: each transport's baseline interleaved with Swarm, then py-libp2p."""
     results: dict[str, Result] = {}
-    for stack, key, run in steps:
-        if stack in only:
-            print(f"... {key}", file=sys.stderr, flush=True)
-            results[key] = await run()
+    pairs = [("quic", raw_quic_env), ("tcp", raw_tls_env)]
+    for kind, raw_env in pairs:
+        async with contextlib.AsyncExitStack() as stack:
+            envs = []
+            if "raw" in only:
+                envs.append(await stack.enter_async_context(raw_env()))
+            if "swarm" in only:
+                envs.append(await stack.enter_async_context(swarm_env(kind)))
+            if envs:
+                with progress(" + ".join(env.name for env in envs)):
+                    results.update(await measure_pair(envs, plan))
+    if "pylibp2p" in only:
+        for key, transport, security in (
+            ("pylibp2p_quic", "quic", "tls"),
+            ("pylibp2p_tcp_tls", "tcp", "tls"),
+            ("pylibp2p_tcp_noise", "tcp", "noise"),
+        ):
+            with progress(key):
+                results[key] = await bench_pylibp2p(transport, security, plan)
     return results
 
 

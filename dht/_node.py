@@ -308,10 +308,10 @@ class DHT:
         found: list[Entry] = []
         finished = False
         try:
-            while True:
+            while until is None or not until():
                 for contact in lookup.next_queries(loop.time()):
                     pending[loop.create_task(self._request(contact, request))] = contact
-                if lookup.done or not pending or (until is not None and until()):
+                if lookup.done or not pending:
                     break
                 deadline = lookup.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())

@@ -49,9 +49,11 @@ class _Bucket:
     __slots__ = ("contacts", "last_lookup", "pinging", "replacements")
 
     def __init__(self, now: float) -> None:
-        self.contacts: OrderedDict[PeerId, Contact] = OrderedDict()
-        self.replacements: OrderedDict[PeerId, Contact] = OrderedDict()
-        self.pinging: PeerId | None = None
+        self.contacts: OrderedDict[int, Contact] = OrderedDict()
+        """By node ID, least recently seen first."""
+        self.replacements: OrderedDict[int, Contact] = OrderedDict()
+        """By node ID, most recently seen last."""
+        self.pinging: int | None = None
         self.last_lookup = now
 
 
@@ -65,22 +67,21 @@ class RoutingTable:
         self.rejected_by_diversity = 0
         self._created = now
         self._buckets: dict[int, _Bucket] = {}
-        self._all: dict[PeerId, Contact] = {}
-        self._by_id: dict[int, Contact] = {}
+        self._all: dict[int, Contact] = {}
         self._groups: dict[str, int] = {}
-        self._failures: dict[PeerId, int] = {}
+        self._failures: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._all)
 
     def __contains__(self, peer_id: object) -> bool:
-        return peer_id in self._all
+        return isinstance(peer_id, PeerId) and node_id(peer_id) in self._all
 
     def __iter__(self) -> Iterator[Contact]:
         return iter(list(self._all.values()))
 
     def get(self, peer_id: PeerId) -> Contact | None:
-        return self._all.get(peer_id)
+        return self._all.get(node_id(peer_id))
 
     def group_count(self, group: str) -> int:
         """How many contacts of IP group ``group`` the whole table holds."""
@@ -112,82 +113,89 @@ class RoutingTable:
         return in_bucket < self.limits.max_per_ip_group_per_bucket
 
     def _insert(self, bucket: _Bucket, contact: Contact) -> None:
-        bucket.contacts[contact.peer_id] = contact
-        self._all[contact.peer_id] = contact
-        self._by_id[contact.node_id] = contact
+        bucket.contacts[contact.node_id] = contact
+        self._all[contact.node_id] = contact
         group = self._group(contact)
         if group is not None:
             self._groups[group] = self._groups.get(group, 0) + 1
 
     def update(self, contact: Contact, now: float) -> Update:
         """Note that ``contact`` is alive: it answered us, or asked us in server mode."""
-        peer = contact.peer_id
-        if peer == self.local_peer:
+        ident = contact.node_id
+        if ident == self.local_id:
             return Update(Admission.REJECTED)
-        bucket = self._bucket(bucket_index(self.local_id, contact.node_id))
-        self._failures.pop(peer, None)
-        known = bucket.contacts.get(peer)
+        bucket = self._bucket(bucket_index(self.local_id, ident))
+        if self._failures:
+            self._failures.pop(ident, None)
+        known = bucket.contacts.get(ident)
         if known is not None:
-            if contact.addrs and contact != known and self._group(contact) == self._group(known):
-                bucket.contacts[peer] = self._all[peer] = self._by_id[contact.node_id] = contact
-            bucket.contacts.move_to_end(peer)
+            if (
+                known is not contact
+                and contact.addrs
+                and contact != known
+                and self._group(contact) == self._group(known)
+            ):
+                bucket.contacts[ident] = self._all[ident] = contact
+            bucket.contacts.move_to_end(ident)
             return Update(Admission.REFRESHED)
         if not self._allows(bucket, self._group(contact)):
-            bucket.replacements.pop(peer, None)
+            bucket.replacements.pop(ident, None)
             self.rejected_by_diversity += 1
             return Update(Admission.REJECTED)
         if len(bucket.contacts) < self.limits.k:
-            bucket.replacements.pop(peer, None)
+            bucket.replacements.pop(ident, None)
             self._insert(bucket, contact)
             return Update(Admission.ADDED)
-        bucket.replacements.pop(peer, None)
-        bucket.replacements[peer] = contact
+        bucket.replacements.pop(ident, None)
+        bucket.replacements[ident] = contact
         while len(bucket.replacements) > self.limits.replacement_cache_size:
             bucket.replacements.popitem(last=False)
         if bucket.pinging is not None:
             return Update(Admission.CACHED)
         oldest = next(iter(bucket.contacts.values()))
-        bucket.pinging = oldest.peer_id
+        bucket.pinging = oldest.node_id
         return Update(Admission.CACHED, ping=oldest)
 
     def ping_result(self, peer_id: PeerId, alive: bool, now: float) -> None:
         """The shell's answer to ``Update.ping``: keep ``peer_id`` if alive, else replace it."""
-        bucket = self._buckets.get(bucket_index(self.local_id, node_id(peer_id)))
+        ident = node_id(peer_id)
+        bucket = self._buckets.get(bucket_index(self.local_id, ident))
         if bucket is None:
             return
-        if bucket.pinging == peer_id:
+        if bucket.pinging == ident:
             bucket.pinging = None
         if alive:
-            if peer_id in bucket.contacts:
-                self._failures.pop(peer_id, None)
-                bucket.contacts.move_to_end(peer_id)
+            if ident in bucket.contacts:
+                self._failures.pop(ident, None)
+                bucket.contacts.move_to_end(ident)
         else:
             self.remove(peer_id)
 
     def failed(self, peer_id: PeerId) -> bool:
         """Count a failed request to ``peer_id``; True once it is removed for it."""
-        if peer_id not in self._all:
+        ident = node_id(peer_id)
+        if ident not in self._all:
             return False
-        count = self._failures.get(peer_id, 0) + 1
+        count = self._failures.get(ident, 0) + 1
         if count < self.limits.max_failures:
-            self._failures[peer_id] = count
+            self._failures[ident] = count
             return False
         self.remove(peer_id)
         return True
 
     def remove(self, peer_id: PeerId) -> bool:
         """Drop ``peer_id`` and promote the most recently seen replacement that fits."""
-        bucket = self._buckets.get(bucket_index(self.local_id, node_id(peer_id)))
+        ident = node_id(peer_id)
+        bucket = self._buckets.get(bucket_index(self.local_id, ident))
         if bucket is None:
             return False
-        bucket.replacements.pop(peer_id, None)
-        contact = bucket.contacts.pop(peer_id, None)
+        bucket.replacements.pop(ident, None)
+        contact = bucket.contacts.pop(ident, None)
         if contact is None:
             return False
-        del self._all[peer_id]
-        del self._by_id[contact.node_id]
-        self._failures.pop(peer_id, None)
-        if bucket.pinging == peer_id:
+        del self._all[ident]
+        self._failures.pop(ident, None)
+        if bucket.pinging == ident:
             bucket.pinging = None
         group = self._group(contact)
         if group is not None:
@@ -198,7 +206,7 @@ class RoutingTable:
                 del self._groups[group]
         for candidate in reversed(list(bucket.replacements.values())):
             if self._allows(bucket, self._group(candidate)):
-                del bucket.replacements[candidate.peer_id]
+                del bucket.replacements[candidate.node_id]
                 self._insert(bucket, candidate)
                 break
         return True
@@ -207,11 +215,11 @@ class RoutingTable:
         """Up to ``count`` contacts nearest to ``target`` by XOR distance, nearest first."""
         skip = [node_id(peer) for peer in exclude]
         wanted = count + len(skip)
-        if len(self._by_id) > 8 * wanted:
-            nearest = heapq.nsmallest(wanted, self._by_id, key=target.__xor__)
+        if len(self._all) > 8 * wanted:
+            nearest = heapq.nsmallest(wanted, self._all, key=target.__xor__)
         else:
-            nearest = sorted(self._by_id, key=target.__xor__)[:wanted]
-        return [self._by_id[i] for i in nearest if i not in skip][:count]
+            nearest = sorted(self._all, key=target.__xor__)[:wanted]
+        return [self._all[i] for i in nearest if i not in skip][:count]
 
     def touch(self, target: int, now: float) -> None:
         """A lookup for ``target`` ran: its bucket needs no refresh for a while."""

@@ -125,7 +125,7 @@ class SimNetwork:
     ) -> SimResult:
         """An iterative lookup from ``src``: FIND_VALUE ``key`` if given, else FIND_NODE.
 
-        ``until`` ends it early once true (checked after each round).
+        ``until`` ends it early once true (checked before each round).
         """
         core = self.cores[src]
         lookup = Lookup(
@@ -138,7 +138,7 @@ class SimNetwork:
         )
         request: Request = FindValue(key) if key is not None else FindNode(target)
         found: list[Entry] = []
-        while not lookup.done:
+        while not lookup.done and (until is None or not until()):
             queries = lookup.next_queries(self.now)
             if not queries:
                 break
@@ -152,8 +152,6 @@ class SimNetwork:
                 valid = core.store.valid(reply.entries, self.now)
                 found.extend(valid)
                 lookup.on_reply(contact.peer_id, reply.peers, self.now, found=bool(valid))
-            if until is not None and until():
-                break
         core.table.touch(target, self.now)
         merged = tuple(self.validators.merge(found))
         return SimResult(merged, lookup.hops, lookup.queries_sent, lookup)

@@ -40,7 +40,18 @@ from ._ping import PROTOCOL_ID as PING_PROTOCOL_ID
 from ._rpc import RpcContext, RpcReply, RpcStream
 from ._stream import HostStream
 from .discovery import Discoverer, DiscoveryError, MdnsDiscovery, MdnsLimits, PeerFound
-from .nat import Autonat, AutonatLimits, Reachability, ReachabilityResult
+from .nat import (
+    Autonat,
+    AutonatLimits,
+    HolePuncher,
+    HolePunchLimits,
+    PunchResult,
+    Reachability,
+    ReachabilityResult,
+    Relay,
+    RelayLimits,
+    Reservation,
+)
 
 __all__ = [
     "AGENT_VERSION",
@@ -56,6 +67,8 @@ __all__ = [
     "DialFailed",
     "Discoverer",
     "DiscoveryError",
+    "HolePunchLimits",
+    "HolePuncher",
     "Host",
     "HostLimits",
     "HostStream",
@@ -75,9 +88,13 @@ __all__ = [
     "PeerUnreachable",
     "ProtocolNegotiationFailed",
     "ProtocolNotSupported",
+    "PunchResult",
     "Reachability",
     "ReachabilityResult",
+    "Relay",
+    "RelayLimits",
     "RemoteError",
+    "Reservation",
     "RpcCancelled",
     "RpcCode",
     "RpcContext",

@@ -188,6 +188,17 @@ class Host:
             raise
         self._spawn(self._prune_idle())
 
+    async def add_transport(self, transport: Transport, listen: Multiaddr | None = None) -> None:
+        """Add a transport to the running Host (NAT traversal adds relay circuits this way)
+        and, with ``listen``, accept its inbound connections; ``stop`` closes it."""
+        self._check_running()
+        self._transports = (*self._transports, transport)
+        if listen is not None:
+            try:
+                self._listeners.append(await transport.listen(listen, self._on_inbound))
+            except TransportError as exc:
+                raise P2PError(f"cannot listen on {listen}: {exc}") from exc
+
     async def stop(self) -> None:
         """Close listeners, connections and transports; cancel every task of this Host."""
         if self._stopped:
@@ -285,6 +296,12 @@ class Host:
                 record.closing = True
                 _log.debug("closing idle connection to %s", record.peer)
                 self._spawn(record.conn.close())
+
+    def add_connection(self, conn: Connection) -> None:
+        """Serve an outbound connection made outside ``connect`` (a hole-punched one) as
+        any other; raises ``LimitExceeded`` when the connection limits refuse it."""
+        self._check_running()
+        self._adopt(conn, outbound=True)
 
     def connections(self, peer: PeerId | None = None) -> list[Connection]:
         """Open connections, to ``peer`` or to everyone."""

@@ -16,12 +16,12 @@ announcements compute bit-identical sums and take identical decisions.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from types import MappingProxyType
 
 from ._errors import InvalidSnapshot, UnknownServer
 
@@ -34,6 +34,31 @@ def peer_order(peer_id: PeerKey) -> tuple[bytes, int]:
     if isinstance(peer_id, str):
         return peer_id.encode(), 0
     return bytes(peer_id), 1
+
+
+class _FrozenMap(Mapping[PeerKey, float]):
+    """A read-only copy of a mapping (picklable, unlike ``MappingProxyType``)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[PeerKey, float]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: PeerKey) -> float:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[PeerKey]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+def _server_order(server: ServerInfo) -> tuple[bytes, int]:
+    return peer_order(server.peer_id)
 
 
 class ServerState(StrEnum):
@@ -98,7 +123,7 @@ class ServerInfo:
                 raise InvalidSnapshot(
                     f"server {self.peer_id!r} reports RTT {rtt} to {peer!r}: need finite >= 0"
                 )
-        object.__setattr__(self, "rtts", MappingProxyType(rtts))
+        object.__setattr__(self, "rtts", _FrozenMap(rtts))
 
     @property
     def length(self) -> int:
@@ -131,11 +156,12 @@ class SwarmSnapshot:
 
     def __post_init__(self) -> None:
         _check_num_blocks(self.num_blocks)
-        ordered = tuple(sorted(self.servers, key=lambda s: peer_order(s.peer_id)))
-        index: dict[PeerKey, ServerInfo] = {}
-        for server in ordered:
+        for server in self.servers:
             if not isinstance(server, ServerInfo):
                 raise InvalidSnapshot(f"{server!r} is not a ServerInfo")
+        ordered = tuple(sorted(self.servers, key=_server_order))
+        index: dict[PeerKey, ServerInfo] = {}
+        for server in ordered:
             if server.peer_id in index:
                 raise InvalidSnapshot(f"server {server.peer_id!r} appears twice in the snapshot")
             if server.end > self.num_blocks:
@@ -145,7 +171,7 @@ class SwarmSnapshot:
                 )
             index[server.peer_id] = server
         object.__setattr__(self, "servers", ordered)
-        object.__setattr__(self, "_index", MappingProxyType(index))
+        object.__setattr__(self, "_index", index)
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._index
@@ -165,12 +191,37 @@ class SwarmSnapshot:
 
     def with_server(self, server: ServerInfo) -> SwarmSnapshot:
         """This snapshot with ``server`` added, or replacing the one of the same peer id."""
-        others = (s for s in self.servers if s.peer_id != server.peer_id)
-        return SwarmSnapshot(self.num_blocks, (*others, server))
+        if server.end > self.num_blocks:
+            raise InvalidSnapshot(
+                f"server {server.peer_id!r} serves [{server.start}, {server.end}) "
+                f"but the model has {self.num_blocks} blocks"
+            )
+        servers = list(self.servers)
+        position = self._position(server.peer_id)
+        if server.peer_id in self._index:
+            servers[position] = server
+        else:
+            servers.insert(position, server)
+        return self._edited(servers)
 
     def without(self, peer_id: PeerKey) -> SwarmSnapshot:
         """This snapshot without that server (unchanged if absent)."""
-        return SwarmSnapshot(self.num_blocks, tuple(s for s in self.servers if s.peer_id != peer_id))
+        if peer_id not in self._index:
+            return self
+        servers = list(self.servers)
+        del servers[self._position(peer_id)]
+        return self._edited(servers)
+
+    def _position(self, peer_id: PeerKey) -> int:
+        return bisect.bisect_left(self.servers, peer_order(peer_id), key=_server_order)
+
+    def _edited(self, servers: list[ServerInfo]) -> SwarmSnapshot:
+        """A snapshot of already sorted, validated servers, built without re-checking."""
+        edited = object.__new__(SwarmSnapshot)
+        object.__setattr__(edited, "num_blocks", self.num_blocks)
+        object.__setattr__(edited, "servers", tuple(servers))
+        object.__setattr__(edited, "_index", {s.peer_id: s for s in servers})
+        return edited
 
     def where(self, keep: Callable[[ServerInfo], bool]) -> SwarmSnapshot:
         """The servers ``keep`` accepts (e.g. one quantization or dtype)."""
@@ -240,14 +291,29 @@ def is_active(server: ServerInfo) -> bool:
     return server.state in _CAPACITY_STATES
 
 
-def capacity(num_blocks: int, servers: Iterable[ServerInfo]) -> list[float]:
-    """Summed throughput per block of ``servers``, each added in the order given."""
-    totals = [0.0] * num_blocks
+THROUGHPUT_UNITS = 1 << 16
+"""Sums of throughputs are exact integers of 1/65536 block-token per second: the same
+servers give the same per-block sums in any order, and an uncovered block exactly 0."""
+
+
+def to_units(throughput: float) -> int:
+    """A throughput in whole ``1 / THROUGHPUT_UNITS`` steps."""
+    return round(throughput * THROUGHPUT_UNITS)
+
+
+def capacity_units(num_blocks: int, servers: Iterable[ServerInfo]) -> list[int]:
+    """Summed throughput per block of ``servers``, in ``THROUGHPUT_UNITS``."""
+    delta = [0] * (num_blocks + 1)
     for server in servers:
-        t = server.throughput
-        for block in range(server.start, server.end):
-            totals[block] += t
-    return totals
+        t = to_units(server.throughput)
+        delta[server.start] += t
+        delta[server.end] -= t
+    return list(itertools.accumulate(delta[:-1]))
+
+
+def capacity(num_blocks: int, servers: Iterable[ServerInfo]) -> list[float]:
+    """Summed throughput per block of ``servers``."""
+    return [u / THROUGHPUT_UNITS for u in capacity_units(num_blocks, servers)]
 
 
 def coverage(num_blocks: int, servers: Iterable[ServerInfo]) -> list[int]:

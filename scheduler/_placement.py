@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._errors import SchedulerConfigError
-from ._model import SwarmSnapshot, capacity, is_active
+from ._model import SwarmSnapshot, capacity_units, is_active, to_units
 
 
 def choose_span(
@@ -33,15 +33,15 @@ def choose_span(
         raise SchedulerConfigError(f"throughput={throughput!r} must be >= 0")
     n = snapshot.num_blocks
     length = min(num_blocks_to_serve, n)
-    caps = capacity(n, (s for s in snapshot.servers if is_active(s)))
-    start = best_start(caps, length, throughput)
+    caps = capacity_units(n, (s for s in snapshot.servers if is_active(s)))
+    start = best_start(caps, length, to_units(throughput))
     return start, start + length
 
 
-def best_start(caps: Sequence[float], length: int, throughput: float) -> int:
+def best_start(caps: Sequence[int], length: int, throughput: int) -> int:
     """The leximin-best start of a ``length``-block window adding ``throughput``."""
     best = -1
-    best_key: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
+    best_key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     for start in range(len(caps) - length + 1):
         inside = caps[start : start + length]
         after = [*caps[:start], *(c + throughput for c in inside), *caps[start + length :]]

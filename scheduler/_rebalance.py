@@ -45,11 +45,13 @@ from typing import NamedTuple
 
 from ._model import (
     PeerKey,
+    THROUGHPUT_UNITS,
     ServerState,
     SwarmSnapshot,
-    capacity,
+    capacity_units,
     coverage,
     is_active,
+    to_units,
 )
 from ._settings import DEFAULT_SETTINGS, SchedulerSettings
 
@@ -117,23 +119,26 @@ def plan_rebalance(
     """The rebalancing plan of the swarm (see the module docstring for the rule)."""
     n = snapshot.num_blocks
     active = [s for s in snapshot.servers if is_active(s)]
-    caps = capacity(n, active)
+    caps = capacity_units(n, active)
     counts = coverage(n, active)
     before = min(caps)
     bound = snapshot.upper_bound()
-    idle = RebalancePlan((), before, before, bound)
-    if not _worth(bound, before, settings.quality_threshold):
+    idle = RebalancePlan((), before / THROUGHPUT_UNITS, before / THROUGHPUT_UNITS, bound)
+    if not _worth(to_units(bound), before, settings.quality_threshold):
         return idle
     movers = sorted(
-        (
-            _Mover(-s.throughput, rank, s.peer_id, s.start, s.length, s.throughput)
-            for rank, s in enumerate(active)
-            if s.state is ServerState.ONLINE and s.length < n and s.throughput > 0
-        ),
+        _Mover(-t, rank, s.peer_id, s.start, s.length, t)
+        for rank, s in enumerate(active)
+        if s.state is ServerState.ONLINE and s.length < n and (t := to_units(s.throughput)) > 0
     )
+    goal = settings.quality_threshold * before
+    cap = to_units(bound)
     planned: list[tuple[_Mover, int]] = []
     while len(planned) < settings.max_plan_moves:
-        step = _best_move(caps, counts, movers, bound)
+        low = min(caps)
+        step = _best_move(
+            caps, counts, movers, goal if low < goal else low, goal if low < goal else cap
+        )
         if step is None:
             break
         index, target = step
@@ -148,13 +153,14 @@ def plan_rebalance(
     after = min(caps)
     if not _worth(after, before, settings.quality_threshold):
         return idle
+    before_f, after_f = before / THROUGHPUT_UNITS, after / THROUGHPUT_UNITS
     moves = tuple(
         MoveDecision(
-            m.peer_id, m.start, m.start + m.length, target, target + m.length, before, after
+            m.peer_id, m.start, m.start + m.length, target, target + m.length, before_f, after_f
         )
         for m, target in planned
     )
-    return RebalancePlan(moves, before, after, bound)
+    return RebalancePlan(moves, before_f, after_f, bound)
 
 
 def should_move(
@@ -177,14 +183,14 @@ def next_check_at(
     return now + settings.rebalance_period_s * (1.0 + spread)
 
 
-def _worth(after: float, before: float, threshold: float) -> bool:
+def _worth(after: int, before: int, threshold: float) -> bool:
     """Whether going from a minimum of ``before`` to ``after`` beats the threshold."""
     if before <= 0.0:
         return after > 0.0
     return after > threshold * before
 
 
-def _neediest_start(sums: Sequence[float], length: int, block: int) -> int:
+def _neediest_start(sums: Sequence[int], length: int, block: int) -> int:
     """Start of the window of ``length`` blocks holding ``block`` with the least total
     throughput (``sums`` are prefix sums of the per-block throughputs)."""
     first = max(0, block - length + 1)
@@ -195,44 +201,46 @@ def _neediest_start(sums: Sequence[float], length: int, block: int) -> int:
 class _Mover(NamedTuple):
     """An online server the plan may move; sorts by throughput, largest first."""
 
-    neg_throughput: float
+    neg_throughput: int
     rank: int
     peer_id: PeerKey
     start: int
     length: int
-    throughput: float
+    throughput: int
 
 
 def _best_move(
-    caps: list[float], counts: list[int], movers: list[_Mover], level: float
+    caps: list[int], counts: list[int], movers: list[_Mover], floor: float, cap: float
 ) -> tuple[int, int] | None:
     """The greedy step: (index in ``movers``, new start), or None when nothing helps.
 
-    A server moving into a window that holds the weakest block ``low`` is worth
-    ``min(lost - t, low + t)``, where ``t`` is its throughput and ``lost`` the weakest of
-    the blocks it drops. Two windows are tried per server: the smallest shift of its span
-    that reaches the weakest block (it drops the fewest blocks, so its ``lost`` is the
-    highest) and the neediest window of its length around that block (the least total
-    throughput). A move is worth at most ``low + t``, and more than ``low`` only if
-    ``t < max(caps) - low``: ``movers`` (largest throughput first) is scanned from the
-    first server under that ceiling, and the scan stops once ``low + t`` cannot beat the
-    best move found.
+    A server of throughput ``t`` moving into a window that holds the weakest block
+    (``low``) is worth ``min(lost - t, low + t)``, where ``lost`` is the weakest of the
+    blocks it drops; it qualifies if ``lost - t > floor`` (``floor >= low``). Two windows
+    are tried per server: the smallest shift of its span that reaches the weakest block
+    (it drops the fewest blocks, so its ``lost`` is the highest) and the neediest window
+    of its length around that block (the least total throughput). As ``lost - t`` is at
+    most ``max(caps) - t``, ``movers`` (largest throughput first) is scanned from the
+    first server with ``t < max(caps) - floor``, and the scan stops once ``low + t``
+    cannot beat the best move found.
     """
     n = len(caps)
     low = min(caps)
     weakest = caps.index(low)
-    ceiling = max(caps) - low
-    first = bisect.bisect_right(movers, -ceiling, key=lambda m: m.neg_throughput)
-    sums = [0.0, *itertools.accumulate(caps)]
+    first = bisect.bisect_right(movers, floor - max(caps), key=lambda m: m.neg_throughput)
+    if first == len(movers):
+        return None
+    # A block at or under ``floor + t`` of the slowest mover can be dropped by no one.
+    blocked = [0, *itertools.accumulate(c <= floor + movers[-1].throughput for c in caps)]
+    sums = [0, *itertools.accumulate(caps)]
     needy: dict[int, int] = {}
+    dropped: dict[tuple[int, int], int | None] = {}
     best: tuple[int, int] | None = None
-    best_key: tuple[float, int, float, int] = (low, 0, 0.0, 0)
+    best_key: tuple[float, int, int, int] = (low, 0, 0, 0)
     for index in range(first, len(movers)):
-        mover = movers[index]
-        throughput = mover.throughput
+        _, rank, _, start, length, throughput = movers[index]
         if low + throughput < best_key[0]:
             break
-        start, length = mover.start, mover.length
         end = start + length
         if start <= weakest < end:
             continue
@@ -240,15 +248,29 @@ def _best_move(
         if target is None:
             target = needy[length] = _neediest_start(sums, length, weakest)
         shift = weakest - length + 1 if weakest >= end else weakest
-        for candidate in (target, min(max(shift, 0), n - length)):
+        shift = min(max(shift, 0), n - length)
+        for candidate in (target,) if shift == target else (target, shift):
             if candidate > start:
-                lose_lo, lose_hi = start, min(end, candidate)
+                lose = (start, min(end, candidate))
             else:
-                lose_lo, lose_hi = max(start, candidate + length), end
-            if min(counts[lose_lo:lose_hi]) < 2:
+                lose = (max(start, candidate + length), end)
+            if lose in dropped:
+                weakest_lost = dropped[lose]
+            else:
+                lo, hi = lose
+                weakest_lost = dropped[lose] = (
+                    min(caps[lo:hi])
+                    if blocked[hi] == blocked[lo] and min(counts[lo:hi]) >= 2
+                    else None
+                )
+            if weakest_lost is None or weakest_lost - throughput <= floor:
                 continue
-            value = min(min(caps[lose_lo:lose_hi]) - throughput, low + throughput, level)
-            key = (value, lose_lo - lose_hi, -throughput, -mover.rank)
+            key = (
+                min(weakest_lost - throughput, low + throughput, cap),
+                lose[0] - lose[1],
+                -throughput,
+                -rank,
+            )
             if key > best_key:
                 best, best_key = (index, candidate), key
     return best

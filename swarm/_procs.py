@@ -46,6 +46,7 @@ class NodeProcess:
             start_new_session=True,
         )
         self.lines: list[str] = []
+        """The stdout lines read so far (all of them once the process is stopped)."""
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -108,6 +109,10 @@ class NodeProcess:
 
     def _close(self) -> None:
         self._reader.join(timeout=5)
+        while not self._queue.empty():
+            line = self._queue.get_nowait()
+            if line is not None:
+                self.lines.append(line)
         if self.popen.stdout is not None:
             self.popen.stdout.close()
         if not isinstance(self._log, int):

@@ -33,6 +33,8 @@ from ._limits import KIB, YamuxLimits
 
 HEADER = struct.Struct(">BBHII")
 HEADER_BYTES = HEADER.size
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
 PROTOCOL_VERSION = 0
 
 TYPE_DATA = 0
@@ -185,6 +187,7 @@ class YamuxSession:
             )
         self.is_client = is_client
         self.limits = limits
+        self._max_frame_bytes = limits.max_frame_bytes
         self._parity = 1 if is_client else 0
         self._next_id = 1 if is_client else 2
         self._streams: dict[int, _Stream] = {}
@@ -198,7 +201,8 @@ class YamuxSession:
         self._failed = False
         self._events: list[Event] = []
         self._out: list[bytes | memoryview] = []
-        self._small = bytearray()
+        self._small: list[bytes] = []
+        """Frames not yet in ``_out``: they leave joined, as one buffer."""
         self._header = bytearray()
         self._payload_left = 0
         self._payload_stream = 0
@@ -216,14 +220,24 @@ class YamuxSession:
 
     # -- output and events -------------------------------------------------------------
 
+    @property
+    def has_output(self) -> bool:
+        """Whether frames wait for ``pop_output``."""
+        return bool(self._small or self._out)
+
     def pop_output(self) -> list[bytes | memoryview]:
         """Buffers to write, in order. Small frames come coalesced into one ``bytes``."""
         if self._small:
-            self._out.append(bytes(self._small))
-            self._small.clear()
+            self._seal()
         out = self._out
         self._out = []
         return out
+
+    def _seal(self) -> None:
+        """Move the small frames into the output as one buffer."""
+        small = self._small
+        self._out.append(small[0] if len(small) == 1 else b"".join(small))
+        self._small = []
 
     def pop_events(self) -> list[Event]:
         events = self._events
@@ -231,7 +245,7 @@ class YamuxSession:
         return events
 
     def _frame(self, frame_type: int, flags: int, stream_id: int, length: int) -> None:
-        self._small += HEADER.pack(PROTOCOL_VERSION, frame_type, flags, stream_id, length)
+        self._small.append(_pack(PROTOCOL_VERSION, frame_type, flags, stream_id, length))
 
     # -- API ---------------------------------------------------------------------------
 
@@ -281,17 +295,19 @@ class YamuxSession:
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_fin:
             raise StreamClosed(f"yamux stream {stream_id} is closed for writing")
-        n = min(len(data), stream.send_window, self.limits.max_frame_bytes)
+        size = len(data)
+        n = min(size, stream.send_window, self._max_frame_bytes)
         if n <= 0:
             return 0
         stream.send_window -= n
-        self._small += HEADER.pack(PROTOCOL_VERSION, TYPE_DATA, 0, stream_id, n)
+        header = _pack(PROTOCOL_VERSION, TYPE_DATA, 0, stream_id, n)
+        payload = data if n == size else data[:n]
         if n <= INLINE_PAYLOAD_BYTES:
-            self._small += data[:n]
+            self._small.append(header + payload)
         else:
-            self._out.append(bytes(self._small))
-            self._small.clear()
-            self._out.append(memoryview(data)[:n])
+            self._small.append(header)
+            self._seal()
+            self._out.append(memoryview(payload))
         return n
 
     def close_write(self, stream_id: int) -> None:
@@ -375,12 +391,15 @@ class YamuxSession:
         """Process bytes received from the peer. Never raises on their content."""
         if self._failed:
             return
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.itemsize != 1:
+            view = view.cast("B")
         end = len(view)
         pos = 0
-        while pos < end and not self._failed:
-            if self._payload_left:
-                take = min(self._payload_left, end - pos)
+        while pos < end:
+            left = self._payload_left
+            if left:
+                take = min(left, end - pos)
                 stream_id = self._payload_stream
                 if stream_id in self._streams:
                     if take == end and type(data) is bytes:
@@ -389,8 +408,8 @@ class YamuxSession:
                         chunk = bytes(view[pos : pos + take])
                     self._events.append(DataReceived(stream_id, chunk))
                 pos += take
-                self._payload_left -= take
-                if not self._payload_left and self._payload_fin:
+                self._payload_left = left - take
+                if take == left and self._payload_fin:
                     self._on_fin(stream_id)
                 continue
             if self._header or end - pos < HEADER_BYTES:
@@ -399,26 +418,30 @@ class YamuxSession:
                 pos += take
                 if len(self._header) < HEADER_BYTES:
                     return
-                fields = HEADER.unpack(self._header)
+                version, frame_type, flags, stream_id, length = HEADER.unpack(self._header)
                 self._header.clear()
             else:
-                fields = HEADER.unpack_from(view, pos)
+                version, frame_type, flags, stream_id, length = _unpack_from(view, pos)
                 pos += HEADER_BYTES
-            self._on_header(*fields, now)
+            if version != PROTOCOL_VERSION:
+                self._violation(f"frame of version {version}, only {PROTOCOL_VERSION} exists")
+            elif frame_type == TYPE_DATA:
+                self._on_data_header(flags, stream_id, length)
+            else:
+                self._on_control(frame_type, flags, stream_id, length, now)
+            if self._failed:
+                return
 
     def _violation(self, message: str) -> None:
         self._failed = True
         self._events.append(ProtocolViolation(RemoteProtocolError(f"yamux: {message}")))
         self._frame(TYPE_GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR)
 
-    def _on_header(
-        self, version: int, frame_type: int, flags: int, stream_id: int, length: int, now: float
+    def _on_control(
+        self, frame_type: int, flags: int, stream_id: int, length: int, now: float
     ) -> None:
-        if version != PROTOCOL_VERSION:
-            self._violation(f"frame of version {version}, only {PROTOCOL_VERSION} exists")
-        elif frame_type == TYPE_DATA:
-            self._on_data_header(flags, stream_id, length)
-        elif frame_type == TYPE_WINDOW_UPDATE:
+        """A frame other than Data."""
+        if frame_type == TYPE_WINDOW_UPDATE:
             stream = self._on_stream_flags(flags, stream_id)
             if stream is None:
                 return
@@ -448,15 +471,18 @@ class YamuxSession:
             self._violation(f"frame of unknown type {frame_type}")
 
     def _on_data_header(self, flags: int, stream_id: int, length: int) -> None:
-        if length > self.limits.max_frame_bytes:
+        if length > self._max_frame_bytes:
             self._violation(
                 f"data frame of {length} bytes on stream {stream_id} exceeds "
                 f"YamuxLimits.max_frame_bytes={self.limits.max_frame_bytes}"
             )
             return
-        stream = self._on_stream_flags(flags, stream_id)
-        if self._failed:
-            return
+        if flags or not stream_id:
+            stream = self._on_stream_flags(flags, stream_id)
+            if self._failed:
+                return
+        else:
+            stream = self._streams.get(stream_id)
         fin = stream is not None and bool(flags & FLAG_FIN)
         if stream is not None and length:
             if stream.remote_fin:

@@ -145,7 +145,7 @@ class YamuxStream:
     async def _wait_for_data(self) -> None:
         """Sleep until data, end of stream or an error arrives (the read lock is held)."""
         conn = self._conn
-        if conn._flush_scheduled:
+        if conn._core.has_output:
             conn._flush()  # what this task queued leaves before it sleeps
         waiter = conn._loop.create_future()
         self._read_waiter = waiter
@@ -238,7 +238,7 @@ class YamuxStream:
     async def _wait_for_window(self) -> None:
         """Sleep until the peer grants window or an error arrives (the write lock is held)."""
         conn = self._conn
-        if conn._flush_scheduled:
+        if conn._core.has_output:
             conn._flush()
         waiter = conn._loop.create_future()
         self._write_waiter = waiter
@@ -366,7 +366,9 @@ class YamuxConnection(asyncio.BufferedProtocol):
         self._transport_name = transport_name
         self._received = received
         self._loop = asyncio.get_running_loop()
-        self._buffer = memoryview(bytearray(min(_FIRST_BUFFER_BYTES, self._limits.read_chunk_bytes)))
+        self._buffer = memoryview(
+            bytearray(min(_FIRST_BUFFER_BYTES, self._limits.read_chunk_bytes))
+        )
         self._streams: dict[int, YamuxStream] = {}
         self._accept_queue: deque[YamuxStream] = deque()
         self._accept_waiters: list[asyncio.Future[None]] = []
@@ -376,7 +378,7 @@ class YamuxConnection(asyncio.BufferedProtocol):
         self._transport_lost = asyncio.Event()
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_outstanding: int | None = None
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         self._write_paused = False
 
     # -- Connection properties ---------------------------------------------------------
@@ -496,7 +498,8 @@ class YamuxConnection(asyncio.BufferedProtocol):
             return  # lingering after close(): the peer's last bytes are dropped
         buffer = self._buffer
         self._feed(buffer[:nbytes])
-        self._flush()
+        if self._core.has_output:
+            self._flush()  # answers to pings, refusals, a GoAway
         size = len(buffer)
         if nbytes == size and size < self._limits.read_chunk_bytes:
             self._buffer = memoryview(bytearray(min(2 * size, self._limits.read_chunk_bytes)))
@@ -537,8 +540,7 @@ class YamuxConnection(asyncio.BufferedProtocol):
             self._check_open()
             await _wait(self._accept_waiters)
         stream = self._accept_queue.popleft()
-        self._core.accept(stream.stream_id)
-        self._flush_soon()
+        self._core.accept(stream.stream_id)  # the ACK leaves with the stream's first frames
         return stream
 
     def _check_open(self) -> None:
@@ -546,9 +548,13 @@ class YamuxConnection(asyncio.BufferedProtocol):
             raise ConnectionClosed(str(self._error)) from self._error
 
     def _send(self, stream_id: int, data: memoryview) -> int:
-        n = self._core.send(stream_id, data)
-        if n > yamux.INLINE_PAYLOAD_BYTES:
-            self._flush()  # the output holds a view of the caller's buffer: write it now
+        """Queue a data frame: written at once if it is all there is to write (or holds a
+        view of the caller's buffer), else with the frames queued before it."""
+        core = self._core
+        alone = not core.has_output
+        n = core.send(stream_id, data)
+        if alone or n > yamux.INLINE_PAYLOAD_BYTES:
+            self._flush()
         elif n:
             self._flush_soon()
         return n
@@ -571,12 +577,14 @@ class YamuxConnection(asyncio.BufferedProtocol):
 
     def _flush_soon(self) -> None:
         """Write the output before the next wait on a stream or at the next loop iteration."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        handle = self._flush_handle
+        if handle is not None:
+            self._flush_handle = None
+            handle.cancel()
         out = self._core.pop_output()
         if out and self._error is None:
             self._transport.writelines(out)

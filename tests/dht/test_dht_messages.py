@@ -160,7 +160,7 @@ wire_values = st.recursive(
 ops = st.sampled_from(["ping", "find_node", "find_value", "store", "other"])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ops, st.dictionaries(st.sampled_from(["id", "key", "entries", "from"]), wire_values))
 def test_fuzzed_requests_decode_or_raise_dht_protocol_error(op, fields) -> None:
     codec = Codec(LIMITS)
@@ -172,7 +172,7 @@ def test_fuzzed_requests_decode_or_raise_dht_protocol_error(op, fields) -> None:
         pass
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.sampled_from(["peers", "entries", "codes", "refused"]), wire_values))
 def test_fuzzed_replies_decode_or_raise_dht_protocol_error(message) -> None:
     try:

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from p2p import Host, HostLimits, RpcContext
+from p2p import Host, HostLimits, P2PError, RpcContext
 from p2p.discovery import MdnsDiscovery
-from p2p.nat import Autonat
+from p2p.nat import Autonat, HolePuncher, Relay, RelayLimits
 from security import KeyPair, PeerId
 from transport import Multiaddr, QuicTransport, TransportLimits
 
@@ -37,12 +37,19 @@ class Peer:
         self.host = Host(self.identity, [self.quic], HostLimits(transport=transport_limits))
         self.autonat = Autonat(self.host, self.identity, serve=args.autonat_server)
         self.mdns = MdnsDiscovery(self.host, interfaces=[args.ip]) if args.mdns else None
+        self.relay = Relay(
+            self.host, self.identity, serve=args.relay_server, limits=_relay_limits(args)
+        )
+        self.puncher = HolePuncher(self.host, self.quic, self.relay)
 
     async def start(self) -> dict[str, Any]:
         await self.host.start([Multiaddr.for_quic("0.0.0.0", self.args.port)])
         self.host.add_rpc_handler(ECHO, _echo)
         port = self.host.listen_addrs[0].host_port()[1]
         await self.autonat.start()
+        await self.relay.start()
+        if not self.args.no_punch:
+            await self.puncher.start()
         if self.mdns is not None:
             await self.mdns.start()
         return {"peer_id": str(self.host.peer_id), "port": port}
@@ -50,8 +57,20 @@ class Peer:
     async def stop(self) -> None:
         if self.mdns is not None:
             await self.mdns.stop()
+        await self.puncher.stop()
+        await self.relay.stop()
         await self.autonat.stop()
         await self.host.stop()
+
+
+def _relay_limits(args: argparse.Namespace) -> RelayLimits:
+    limits = RelayLimits()
+    return replace(
+        limits,
+        circuit_max_bytes=args.relay_max_bytes or limits.circuit_max_bytes,
+        circuit_max_duration_s=args.relay_max_seconds or limits.circuit_max_duration_s,
+        max_reservations_per_ip=args.relay_per_ip or limits.max_reservations_per_ip,
+    )
 
 
 async def _echo(ctx: RpcContext, request: Any, payload: Any) -> Any:
@@ -79,8 +98,9 @@ async def op_wait_peers(peer: Peer, req: dict[str, Any]) -> list[str]:
 
 
 async def op_echo(peer: Peer, req: dict[str, Any]) -> Any:
+    text = req["text"] * req.get("repeat", 1)
     reply = await peer.host.rpc_call(
-        _target(req["peer"]), ECHO, req["text"], timeout=req.get("timeout", 10.0)
+        _target(req["peer"]), ECHO, text, timeout=req.get("timeout", 10.0)
     )
     return reply.value
 
@@ -107,13 +127,63 @@ async def op_reachability(peer: Peer, req: dict[str, Any]) -> dict[str, Any]:
     return {"status": str(result.status), "addr": addr, "answered": result.answered}
 
 
+async def op_reserve(peer: Peer, req: dict[str, Any]) -> str:
+    return str((await peer.relay.reserve(_target(req["relay"]))).addr)
+
+
+async def op_reserve_flood(peer: Peer, req: dict[str, Any]) -> dict[str, int]:
+    """``n`` fresh identities from this IP each ask ``relay`` for a reservation."""
+    granted = refused = 0
+    held: list[tuple[Relay, Host]] = []
+    try:
+        for _ in range(req["n"]):
+            identity = KeyPair.generate()
+            host = Host(identity, [QuicTransport(identity)])
+            await host.start([Multiaddr.for_quic("0.0.0.0", 0)])
+            relay = Relay(host, identity)
+            held.append((relay, host))
+            await relay.start()
+            try:
+                await relay.reserve(_target(req["relay"]))
+                granted += 1
+            except P2PError:
+                refused += 1
+    finally:
+        for relay, host in held:
+            await relay.stop()
+            await host.stop()
+    return {"granted": granted, "refused": refused}
+
+
+async def op_wait_direct(peer: Peer, req: dict[str, Any]) -> float:
+    """Seconds until the only connection to ``peer`` is a direct QUIC one."""
+    target = PeerId.from_base58(req["peer"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(req.get("timeout", 10.0)):
+        while [c.transport_name for c in peer.host.connections(target)] != ["quic"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return loop.time() - started
+
+
+async def op_punch_results(peer: Peer, req: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"peer": str(r.peer), "direct": r.direct, "attempts": r.attempts, "rtt_s": r.rtt_s}
+        for r in peer.puncher.results
+    ]
+
+
 OPS: dict[str, Op] = {
     "addrs": op_addrs,
     "connect": op_connect,
     "connections": op_connections,
     "echo": op_echo,
     "peers": op_peers,
+    "punch_results": op_punch_results,
     "reachability": op_reachability,
+    "reserve": op_reserve,
+    "reserve_flood": op_reserve_flood,
+    "wait_direct": op_wait_direct,
     "wait_peers": op_wait_peers,
 }
 
@@ -139,6 +209,11 @@ async def main() -> None:
     parser.add_argument("--dial-timeout", type=float, default=3.0)
     parser.add_argument("--autonat-server", action="store_true", help="dial others back")
     parser.add_argument("--mdns", action="store_true", help="discover LAN peers on --ip")
+    parser.add_argument("--relay-server", action="store_true", help="relay for others")
+    parser.add_argument("--no-punch", action="store_true", help="stay relayed")
+    parser.add_argument("--relay-max-bytes", type=int, default=0)
+    parser.add_argument("--relay-max-seconds", type=float, default=0.0)
+    parser.add_argument("--relay-per-ip", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     peer = Peer(args)

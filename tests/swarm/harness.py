@@ -51,7 +51,9 @@ class LocalSwarm:
         self.thread = LoopThread()
         self.peers: list[tuple[Host, DHT]] = []
         self.nodes: list[ServerNode] = []
-        host, dht = self.thread.run(start_peer(KeyPair.generate(), [TCP_LOOPBACK], [], server_mode=True))
+        host, dht = self.thread.run(
+            start_peer(KeyPair.generate(), [TCP_LOOPBACK], [], server_mode=True)
+        )
         self.peers.append((host, dht))
         self.addr = str(host.addrs[0])
 
@@ -66,7 +68,9 @@ class LocalSwarm:
             return await ServerNode.start(
                 host,
                 dht,
-                ServerConfig(model=model, blocks=(start, end), swarm_cache_dir=self.cache_dir, **config),
+                ServerConfig(
+                    model=model, blocks=(start, end), swarm_cache_dir=self.cache_dir, **config
+                ),
             )
 
         node = self.thread.run(launch())
