@@ -44,9 +44,7 @@ from dht import DHT, Record, SimNetwork  # noqa: E402
 from dht._records import Entry  # noqa: E402
 from p2p import Host  # noqa: E402
 from security import KeyPair  # noqa: E402
-from transport._memory import MemoryHub, MemoryTransport  # noqa: E402
-from transport._multiaddr import Multiaddr  # noqa: E402
-from transport._quic import QuicTransport  # noqa: E402
+from transport import MemoryHub, MemoryTransport, Multiaddr, QuicTransport  # noqa: E402
 
 HOUR = 3600.0
 CHURN = 0.3

@@ -11,7 +11,7 @@ one core, the same for every stack, and is not at the mercy of process wake-ups 
 busy 2-core machine. The machine is shared, so each raw baseline runs interleaved with
 the Swarm configuration it is compared with: both are connected at once and measured in
 alternating slices (connections one by one, round trips in 10 blocks, bulk transfers in
-4 slices, 8 for a full run), so that the load of other programs hits both alike.
+2 slices, 8 for a full run), so that the load of other programs hits both alike.
 Per configuration:
 
 * set-up: median time to open one new authenticated connection (Swarm: ``Transport.dial``,
@@ -26,7 +26,7 @@ Per configuration:
   byte count after reading end of stream, over one stream at a time and split over 4
   parallel streams (raw TLS: 4 TLS connections, having no multiplexer); 64 KiB writes;
   throughput = bytes / time from the first write to the counts' arrival. A transfer
-  stops early once it has run ``bulk_cap_s`` (40 s, 10 s with ``--quick``, shared by its
+  stops early once it has run ``bulk_cap_s`` (40 s, 6 s with ``--quick``, shared by its
   slices), so that slow stacks and a loaded machine still finish; the table shows the
   MiB moved. Raw TLS is never cut short (asyncio's TLS cannot half-close, so its sink is
   told the length up front); it takes about a second.
@@ -129,7 +129,7 @@ class Plan:
             message_bytes=64,
             bulk_bytes=(64 if quick else 256) * MIB,
             bulk_slices=BULK_SLICES_QUICK if quick else BULK_SLICES_FULL,
-            bulk_cap_s=10.0 if quick else 40.0,
+            bulk_cap_s=6.0 if quick else 40.0,
             streams=4,
             chunk_bytes=64 * 1024,
             pylibp2p_connects=3,
@@ -225,7 +225,7 @@ class Env:
 # with, in short alternating slices, so that a load spike hits both alike.
 
 RTT_BLOCKS = 10
-BULK_SLICES_QUICK = 4
+BULK_SLICES_QUICK = 2
 BULK_SLICES_FULL = 8
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from security import PeerId
-from transport._multiaddr import Multiaddr
+from transport import Multiaddr
 
 from ._ids import node_id
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from security import InvalidPeerId, PeerId
-from transport._errors import MultiaddrError
-from transport._multiaddr import Multiaddr
+from transport import Multiaddr, MultiaddrError
 
 from ._contact import Contact
 from ._errors import DhtProtocolError, RefusalCode

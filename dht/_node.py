@@ -22,7 +22,7 @@ from typing import Any
 
 from p2p import Host, P2PError, RpcContext
 from security import KeyPair, PeerId
-from transport._multiaddr import Multiaddr
+from transport import Multiaddr
 
 from ._contact import Contact, first_ip
 from ._core import DhtCore
@@ -205,7 +205,7 @@ class DHT:
             except P2PError as exc:
                 failures.append(f"{addr}: {exc}")
                 continue
-            contact = Contact(peer, (addr.without_p2p(),) if addr.peer_id else (addr,))
+            contact = Contact(peer, (addr.without_p2p(),))
             reply = await self._request(contact, Ping())
             if reply is None or reply.refused is not RefusalCode.OK:
                 failures.append(f"{addr}: no answer to a DHT ping")

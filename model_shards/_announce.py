@@ -57,7 +57,7 @@ class ServerRecord:
     throughput: float
     """Block-tokens per second (``scheduler`` units)."""
     cache_tokens_left: int
-    """Tokens of attention cache one new session could still reserve over the whole span."""
+    """Token slots (batch x length) a new session could still reserve over the whole span."""
     quantization: str
     dtype: str
     addrs: tuple[Multiaddr, ...]

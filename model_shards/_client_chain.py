@@ -21,7 +21,7 @@ import torch
 
 from dht import DHT
 from p2p import Host, P2PError, RemoteError, RpcReply, RpcStream
-from scheduler import MissingBlocksError, SwarmSnapshot, route_min_latency
+from scheduler import MissingBlocksError, ServerState, route_min_latency
 from security import PeerId
 
 from ._announce import ServerRecord, read_servers, snapshot_of
@@ -116,36 +116,38 @@ class RemoteChain:
 
         await asyncio.gather(*(ping(p) for p in peers if p not in self._rtts))
 
-    async def route(self) -> list[Hop]:
+    async def route(self, *, min_cache_tokens: int = 0) -> list[Hop]:
         """The chain of lowest expected latency; ``MissingBlocksError`` when none exists.
 
-        With ``ClientLimits.route_wait_s``, missing blocks are waited for (the DHT read
-        again every ``route_poll_s``) before giving up.
+        Servers that did not answer a ping, and (for a session) servers announcing less
+        cache room than ``min_cache_tokens``, are left out. With
+        ``ClientLimits.route_wait_s``, missing blocks are waited for (the DHT read again
+        every ``route_poll_s``) before giving up.
         """
         deadline = self._clock() + self.limits.route_wait_s
         refresh = False
         while True:
             servers = await self.servers(refresh=refresh)
-            snapshot = snapshot_of(self.num_blocks, servers.values(), keep=lambda s: True)
-            online = [s.peer_id for s in servers.values() if s.state == "online"]
+            online = [s.peer_id for s in servers.values() if s.state == ServerState.ONLINE]
             await self._measure(online)
             try:
-                return self._plan(snapshot, servers)
+                return self._plan(servers, min_cache_tokens)
             except MissingBlocksError:
                 if self._clock() >= deadline:
                     raise
             await asyncio.sleep(self.limits.route_poll_s)
             refresh = True
 
-    def _plan(self, snapshot: SwarmSnapshot, servers: dict[PeerId, ServerRecord]) -> list[Hop]:
+    def _plan(self, servers: dict[PeerId, ServerRecord], min_cache_tokens: int) -> list[Hop]:
         by_key = {str(peer): record for peer, record in servers.items()}
-        reachable = {str(peer): rtt for peer, rtt in self._rtts.items()}
-        usable = snapshot.where(lambda s: s.peer_id in reachable)
-        route = route_min_latency(usable, client_rtts=reachable)
+        rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
+        snapshot = snapshot_of(self.num_blocks, servers.values(), keep=lambda s: True)
+        reachable = snapshot.where(lambda s: s.peer_id in rtts)
+        route = route_min_latency(reachable, rtts, min_cache_tokens=min_cache_tokens)
         hops = []
-        for peer_key, start, end in route:
-            record = by_key[str(peer_key)]
-            hops.append(Hop(record.peer_id, start, end, DTYPES[record.dtype]))
+        for hop in route.hops:
+            record = by_key[str(hop.peer_id)]
+            hops.append(Hop(record.peer_id, hop.start, hop.end, DTYPES[record.dtype]))
         _log.debug("route: %s", " -> ".join(map(str, hops)))
         return hops
 
@@ -203,7 +205,7 @@ class RemoteChain:
 
     async def open_session(self, *, batch_size: int, max_length: int) -> ChainSession:
         """Open one inference session per hop of a fresh route, all at once."""
-        hops = await self.route()
+        hops = await self.route(min_cache_tokens=batch_size * max_length)
         opened = await asyncio.gather(
             *(
                 HopSession.open(self, hop, batch_size=batch_size, max_length=max_length)

@@ -102,12 +102,10 @@ class ShardServer:
         return self.pool.sessions
 
     def cache_tokens_left(self) -> int:
-        """Tokens one new single-sequence session could still reserve over the whole span."""
-        limits = self.limits.cache
-        if self.pool.sessions >= limits.max_sessions:
+        """Token slots (batch x length) a new session could still reserve over the span."""
+        if self.pool.sessions >= self.limits.cache.max_sessions:
             return 0
-        per_token = self.span.cache_bytes(1, 1)
-        return min(limits.max_length, max(0, self.pool.free_bytes) // per_token)
+        return max(0, self.pool.free_bytes) // self.span.cache_bytes(1, 1)
 
     def describe(self, state: ServerState) -> ServerRecord:
         """This server's announcement with ``state`` and its live figures."""

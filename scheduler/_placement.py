@@ -12,10 +12,15 @@ Online and joining servers count: a joining server's blocks are taken.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 
 from ._errors import SchedulerConfigError
 from ._model import SwarmSnapshot, capacity_units, is_active, to_units
+
+
+_INF = math.inf
 
 
 def choose_span(
@@ -39,10 +44,24 @@ def choose_span(
 
 
 def best_start(caps: Sequence[int], length: int, throughput: int) -> int:
-    """The leximin-best start of a ``length``-block window adding ``throughput``."""
+    """The leximin-best start of a ``length``-block window adding ``throughput``.
+
+    The resulting minimum of every window comes from prefix and suffix minima; only the
+    windows that reach the best minimum are compared in full.
+    """
+    n = len(caps)
+    prefix = [*itertools.accumulate(caps, min, initial=_INF)]
+    suffix = [*reversed([*itertools.accumulate(reversed(caps), min, initial=_INF)])]
+    lows = [
+        min(prefix[s], suffix[s + length], min(caps[s : s + length]) + throughput)
+        for s in range(n - length + 1)
+    ]
+    top = max(lows)
     best = -1
     best_key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-    for start in range(len(caps) - length + 1):
+    for start, low in enumerate(lows):
+        if low != top:
+            continue
         inside = caps[start : start + length]
         after = [*caps[:start], *(c + throughput for c in inside), *caps[start + length :]]
         key = (tuple(sorted(after)), tuple(-c for c in sorted(inside)))

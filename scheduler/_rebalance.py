@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,6 +199,9 @@ def _neediest_start(sums: Sequence[int], length: int, block: int) -> int:
     return min(range(first, last + 1), key=lambda w: (sums[w + length] - sums[w], w))
 
 
+_INF = math.inf
+
+
 class _Mover(NamedTuple):
     """An online server the plan may move; sorts by throughput, largest first."""
 
@@ -214,15 +218,17 @@ def _best_move(
 ) -> tuple[int, int] | None:
     """The greedy step: (index in ``movers``, new start), or None when nothing helps.
 
-    A server of throughput ``t`` moving into a window that holds the weakest block
-    (``low``) is worth ``min(lost - t, low + t)``, where ``lost`` is the weakest of the
-    blocks it drops; it qualifies if ``lost - t > floor`` (``floor >= low``). Two windows
-    are tried per server: the smallest shift of its span that reaches the weakest block
-    (it drops the fewest blocks, so its ``lost`` is the highest) and the neediest window
-    of its length around that block (the least total throughput). As ``lost - t`` is at
-    most ``max(caps) - t``, ``movers`` (largest throughput first) is scanned from the
-    first server with ``t < max(caps) - floor``, and the scan stops once ``low + t``
-    cannot beat the best move found.
+    A server of throughput ``t`` moves into a window that holds the weakest block
+    (``low``); it qualifies if every block it drops keeps more than ``floor`` (``>= low``),
+    and, if so, lifts the blocks it changes to ``min(lost - t, low + t)``, where ``lost``
+    is the weakest block it drops. Moves rank by the swarm's minimum after them, then by
+    that lift (capped at ``cap``), then by fewer blocks changed, smaller throughput and
+    lower peer id. Two windows are tried per server: the smallest shift of its span that
+    reaches the weakest block (it drops the fewest blocks) and the neediest window of its
+    length around that block (the least total throughput). As ``lost - t`` is at most
+    ``max(caps) - t``, ``movers`` (largest throughput first) is scanned from the first
+    server with ``t < max(caps) - floor``, and the scan stops once ``low + t`` cannot beat
+    the best move found.
     """
     n = len(caps)
     low = min(caps)
@@ -233,10 +239,12 @@ def _best_move(
     # A block at or under ``floor + t`` of the slowest mover can be dropped by no one.
     blocked = [0, *itertools.accumulate(c <= floor + movers[-1].throughput for c in caps)]
     sums = [0, *itertools.accumulate(caps)]
+    prefix = [*itertools.accumulate(caps, min, initial=_INF)]
+    suffix = [*reversed([*itertools.accumulate(reversed(caps), min, initial=_INF)])]
     needy: dict[int, int] = {}
     dropped: dict[tuple[int, int], int | None] = {}
     best: tuple[int, int] | None = None
-    best_key: tuple[float, int, int, int] = (low, 0, 0, 0)
+    best_key: tuple[float, float, int, int, int] = (low, low, 0, 0, 0)
     for index in range(first, len(movers)):
         _, rank, _, start, length, throughput = movers[index]
         if low + throughput < best_key[0]:
@@ -251,26 +259,26 @@ def _best_move(
         shift = min(max(shift, 0), n - length)
         for candidate in (target,) if shift == target else (target, shift):
             if candidate > start:
-                lose = (start, min(end, candidate))
+                lose_lo, lose_hi = start, min(end, candidate)
+                gain_lo, gain_hi = max(candidate, end), candidate + length
+                outside = min(prefix[lose_lo], suffix[gain_hi], *caps[lose_hi:gain_lo])
             else:
-                lose = (max(start, candidate + length), end)
+                lose_lo, lose_hi = max(start, candidate + length), end
+                gain_lo, gain_hi = candidate, min(candidate + length, start)
+                outside = min(prefix[gain_lo], suffix[lose_hi], *caps[gain_hi:lose_lo])
+            lose = (lose_lo, lose_hi)
             if lose in dropped:
                 weakest_lost = dropped[lose]
             else:
-                lo, hi = lose
                 weakest_lost = dropped[lose] = (
-                    min(caps[lo:hi])
-                    if blocked[hi] == blocked[lo] and min(counts[lo:hi]) >= 2
+                    min(caps[lose_lo:lose_hi])
+                    if blocked[lose_hi] == blocked[lose_lo] and min(counts[lose_lo:lose_hi]) >= 2
                     else None
                 )
             if weakest_lost is None or weakest_lost - throughput <= floor:
                 continue
-            key = (
-                min(weakest_lost - throughput, low + throughput, cap),
-                lose[0] - lose[1],
-                -throughput,
-                -rank,
-            )
+            lift = min(weakest_lost - throughput, low + throughput)
+            key = (min(lift, outside), min(lift, cap), lose_lo - lose_hi, -throughput, -rank)
             if key > best_key:
                 best, best_key = (index, candidate), key
     return best

@@ -36,17 +36,17 @@ class ChurnScenario:
     num_blocks: int = 80
     min_span: int = 8
     max_span: int = 24
-    pareto_alpha: float = 1.5
+    pareto_alpha: float = 2.0
     """Tail index of the throughput distribution (smaller: heavier tail)."""
     min_throughput: float = 10.0
     """Scale of the Pareto distribution: the smallest throughput drawn."""
     leave_fraction: float = 0.2
-    join_window_s: float = 3600.0
+    join_window_s: float = 600.0
     """Joins are spread uniformly over ``[0, join_window_s)``."""
-    leave_at_s: float = 5400.0
-    leave_window_s: float = 600.0
+    leave_at_s: float = 1800.0
+    leave_window_s: float = 300.0
     """Leaves are spread uniformly over ``[leave_at_s, leave_at_s + leave_window_s)``."""
-    settle_s: float = 3600.0
+    settle_s: float = 1800.0
     """How long the survivors rebalance after the last leave."""
     load_s_per_block: float = 3.0
     seed: int = 0
@@ -114,8 +114,7 @@ class _Run:
         rng = self.rng
         self.peers: list[PeerKey] = [rng.randbytes(8).hex() for _ in range(scenario.num_servers)]
         self.throughputs = [
-            scenario.min_throughput * rng.paretovariate(scenario.pareto_alpha)
-            for _ in self.peers
+            scenario.min_throughput * rng.paretovariate(scenario.pareto_alpha) for _ in self.peers
         ]
         self.lengths = [rng.randint(scenario.min_span, scenario.max_span) for _ in self.peers]
         self.moves = [0] * scenario.num_servers
@@ -204,7 +203,9 @@ class _Run:
             self.moves[index] += 1
             info = self.snapshot.server(peer)
             kept = max(0, min(info.end, decision.end) - max(info.start, decision.start))
-            self.change(replace(info, start=decision.start, end=decision.end, state=ServerState.JOINING))
+            self.change(
+                replace(info, start=decision.start, end=decision.end, state=ServerState.JOINING)
+            )
             loaded = decision.end - decision.start - kept
             self.push(now + self.sc.load_s_per_block * loaded, _ONLINE, index)
         self.push(next_check_at(now, self.rng, self.sc.settings), _CHECK, index)

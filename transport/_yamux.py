@@ -391,7 +391,7 @@ class YamuxSession:
         """Process bytes received from the peer. Never raises on their content."""
         if self._failed:
             return
-        view = memoryview(data)
+        view = data if type(data) is memoryview else memoryview(data)
         if view.itemsize != 1:
             view = view.cast("B")
         end = len(view)
@@ -405,7 +405,7 @@ class YamuxSession:
                     if take == end and type(data) is bytes:
                         chunk = data
                     else:
-                        chunk = bytes(view[pos : pos + take])
+                        chunk = view[pos : pos + take].tobytes()
                     self._events.append(DataReceived(stream_id, chunk))
                 pos += take
                 self._payload_left = left - take

@@ -43,9 +43,10 @@ whenever one read fills it: idle connections stay light, bulk ones read in large
 class YamuxStream:
     """One yamux stream; implements ``transport.Stream``.
 
-    Readers take turns through ``_read_lock`` and writers through ``_write_lock``, but
-    an operation that can finish without waiting skips the lock when nobody holds it:
-    it cannot interleave with anything, and most reads and writes are of that kind.
+    Readers take turns through a lock and writers through another (made when first
+    needed), but an operation that can finish without waiting skips the lock when nobody
+    holds it: it cannot interleave with anything, and most reads and writes are of that
+    kind.
     """
 
     __slots__ = (
@@ -78,8 +79,8 @@ class YamuxStream:
         self._reset_reason: str | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
-        self._read_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()
+        self._read_lock: asyncio.Lock | None = None
+        self._write_lock: asyncio.Lock | None = None
 
     @property
     def connection(self) -> YamuxConnection:
@@ -94,9 +95,10 @@ class YamuxStream:
         """Return up to ``max_bytes``, or ``b""`` at the peer's end; readers take turns."""
         if max_bytes < 1:
             raise ValueError(f"read(max_bytes={max_bytes}) needs max_bytes >= 1")
-        if self._chunks and not self._read_lock.locked():
+        lock = self._read_lock
+        if self._chunks and (lock is None or not lock.locked()):
             return self._take(max_bytes)
-        async with self._read_lock:
+        async with self._read_turn():
             while not self._chunks:
                 if self._eof and self._reset_reason is None:
                     self._check_read_open()
@@ -108,39 +110,51 @@ class YamuxStream:
     async def readexactly(self, n: int) -> bytes:
         """Return exactly ``n`` bytes; on an error or cancellation nothing is consumed.
 
-        Window is granted while waiting, so ``n`` may exceed the stream's window.
+        While it waits, the window of what is buffered is granted already, so ``n`` may
+        exceed the stream's window.
         """
         if n <= 0:
             return b""
-        chunks = self._chunks
-        if chunks and n <= len(chunks[0]) - self._head and not self._read_lock.locked():
-            return self._take(n)
-        async with self._read_lock:
-            if chunks and n <= len(chunks[0]) - self._head:
-                return self._take(n)
-            return await self._gather(n)
+        lock = self._read_lock
+        if self._buffered >= n and (lock is None or not lock.locked()):
+            return self._take_exactly(n)
+        async with self._read_turn():
+            while self._buffered < n:
+                if self._eof and self._reset_reason is None:
+                    self._check_read_open()
+                    raise StreamClosed(
+                        f"yamux stream {self.stream_id} ended after {self._buffered} of "
+                        f"the {n} bytes expected"
+                    )
+                self._check_readable()
+                self._grant_buffered()
+                await self._wait_for_data()
+            return self._take_exactly(n)
 
-    async def _gather(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        need = n
-        try:
-            while need:
-                while not self._chunks:
-                    if self._eof and self._reset_reason is None:
-                        self._check_read_open()
-                        raise StreamClosed(
-                            f"yamux stream {self.stream_id} ended after {n - need} of "
-                            f"the {n} bytes expected"
-                        )
-                    self._check_readable()
-                    await self._wait_for_data()
-                part = self._take(need)
-                parts.append(part)
-                need -= len(part)
-        except BaseException:
-            self._unread(parts)
-            raise
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+    def _read_turn(self) -> asyncio.Lock:
+        if self._read_lock is None:
+            self._read_lock = asyncio.Lock()
+        return self._read_lock
+
+    def _take_exactly(self, n: int) -> bytes:
+        out = self._take(n)
+        if len(out) == n:
+            return out
+        parts = [out]
+        need = n - len(out)
+        while need:
+            part = self._take(need)
+            parts.append(part)
+            need -= len(part)
+        return b"".join(parts)
+
+    def _grant_buffered(self) -> None:
+        """Grant the window of the buffered bytes as if read: a reader wants more than them."""
+        unread = self._buffered - self._preconsumed
+        conn = self._conn
+        if unread and conn._core.consume(self.stream_id, unread, conn._loop.time()):
+            conn._flush_soon()
+        self._preconsumed = self._buffered
 
     async def _wait_for_data(self) -> None:
         """Sleep until data, end of stream or an error arrives (the read lock is held)."""
@@ -170,21 +184,10 @@ class YamuxStream:
             credited = min(n, self._preconsumed)
             self._preconsumed -= credited
             n -= credited
-        if n:
-            self._conn._consumed(self.stream_id, n)
+        conn = self._conn
+        if n and conn._error is None and conn._core.consume(self.stream_id, n, conn._loop.time()):
+            conn._flush_soon()
         return out
-
-    def _unread(self, parts: list[bytes]) -> None:
-        """Put back what an interrupted ``readexactly`` took (its window is already granted)."""
-        if not parts or self._reset_reason is not None or self._read_closed:
-            return
-        if self._head:
-            self._chunks[0] = self._chunks[0][self._head :]
-            self._head = 0
-        data = b"".join(parts)
-        self._chunks.appendleft(data)
-        self._buffered += len(data)
-        self._preconsumed += len(data)
 
     def _check_read_open(self) -> None:
         if self._read_closed:
@@ -204,14 +207,13 @@ class YamuxStream:
 
         Concurrent writes on one stream are serialized: each call's bytes stay contiguous.
         """
-        view = memoryview(data)
-        if view.itemsize != 1 or view.ndim != 1:
-            view = view.cast("B")
+        view = data if type(data) is bytes else _byte_view(data)
         total = len(view)
         conn = self._conn
         sent = 0
+        lock = self._write_lock
         if (
-            not self._write_lock.locked()
+            (lock is None or not lock.locked())
             and total <= conn._core.send_window(self.stream_id)
             and total <= conn._limits.max_frame_bytes
         ):
@@ -219,7 +221,7 @@ class YamuxStream:
             sent = conn._send(self.stream_id, view)
             if not conn._write_paused:
                 return
-        async with self._write_lock:
+        async with self._write_turn():
             while True:
                 self._check_writable()
                 if sent >= total:
@@ -227,13 +229,18 @@ class YamuxStream:
                         await conn._drain()
                         self._check_writable()
                     return
-                n = conn._send(self.stream_id, view[sent:] if sent else view)
+                n = conn._send(self.stream_id, memoryview(view)[sent:] if sent else view)
                 if n:
                     sent += n
                     if conn._write_paused:
                         await conn._drain()
                 else:
                     await self._wait_for_window()
+
+    def _write_turn(self) -> asyncio.Lock:
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        return self._write_lock
 
     async def _wait_for_window(self) -> None:
         """Sleep until the peer grants window or an error arrives (the write lock is held)."""
@@ -292,8 +299,8 @@ class YamuxStream:
         self._buffered += len(data)
         if self._read_closed:
             self._take(len(data))
-        else:
-            _wake(self._read_waiter)
+        elif (waiter := self._read_waiter) is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -313,6 +320,11 @@ class YamuxStream:
     def _wake_all(self) -> None:
         _wake(self._read_waiter)
         _wake(self._write_waiter)
+
+
+def _byte_view(data: bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view if view.itemsize == 1 and view.ndim == 1 else view.cast("B")
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -547,7 +559,7 @@ class YamuxConnection(asyncio.BufferedProtocol):
         if self._error is not None:
             raise ConnectionClosed(str(self._error)) from self._error
 
-    def _send(self, stream_id: int, data: memoryview) -> int:
+    def _send(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue a data frame: written at once if it is all there is to write (or holds a
         view of the caller's buffer), else with the frames queued before it."""
         core = self._core
@@ -558,10 +570,6 @@ class YamuxConnection(asyncio.BufferedProtocol):
         elif n:
             self._flush_soon()
         return n
-
-    def _consumed(self, stream_id: int, n: int) -> None:
-        if self._error is None and self._core.consume(stream_id, n, self._loop.time()):
-            self._flush_soon()
 
     def _close_write(self, stream_id: int) -> None:
         self._core.close_write(stream_id)

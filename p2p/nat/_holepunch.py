@@ -175,14 +175,14 @@ class HolePuncher:
             if direct:
                 break
             await asyncio.sleep(self._limits.retry_delay_s)
+        result = PunchResult(peer, direct, attempt, rtt)
+        _log.info("hole punch to %s: %s", peer, result)
+        self.results.append(result)
         if direct:
             relayed = [
                 c for c in self._host.connections(peer) if c.transport_name == TRANSPORT_NAME
             ]
             await asyncio.gather(*(c.close() for c in relayed), return_exceptions=True)
-        result = PunchResult(peer, direct, attempt, rtt)
-        _log.info("hole punch to %s: %s", peer, result)
-        self.results.append(result)
         return result
 
     async def _attempt(self, peer: PeerId) -> tuple[bool, float]:

@@ -11,10 +11,7 @@ from dht import DHT, DhtLimits
 from dht._contact import Contact
 from p2p import Host
 from security import KeyPair, PeerId
-from transport._base import Transport
-from transport._memory import MemoryHub, MemoryTransport
-from transport._multiaddr import Multiaddr
-from transport._quic import QuicTransport
+from transport import MemoryHub, MemoryTransport, Multiaddr, QuicTransport, Transport
 
 
 class FakeClock:

@@ -23,7 +23,7 @@ from dht._ids import (
 )
 from security import KeyPair
 from tests.dht.dht_helpers import fake_peer
-from transport._multiaddr import Multiaddr
+from transport import Multiaddr
 
 ids = st.integers(min_value=0, max_value=2**ID_BITS - 1)
 

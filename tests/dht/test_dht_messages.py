@@ -28,7 +28,7 @@ from dht._messages import (
 from dht._records import Entry
 from security import KeyPair
 from tests.dht.dht_helpers import fake_peer
-from transport._multiaddr import Multiaddr
+from transport import Multiaddr
 
 LIMITS = DhtLimits()
 

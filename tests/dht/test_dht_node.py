@@ -29,8 +29,7 @@ from dht._records import Entry
 from p2p import Host, ProtocolNotSupported
 from security import KeyPair
 from tests.dht.dht_helpers import Cluster, FakeClock, eventually
-from transport._memory import MemoryTransport
-from transport._multiaddr import Multiaddr
+from transport import MemoryTransport, Multiaddr
 
 HOUR = 3600.0
 
@@ -135,6 +134,23 @@ async def test_forged_replayed_expired_and_oversized_stores_are_refused(cluster:
     assert await victim.get(b"k") == {owner.peer_id.to_bytes(): Record(b"v2", now + 2 * HOUR)}
     for missing in (b"e", b"f", b"g"):
         assert await victim.get(missing) is None
+
+
+async def test_stores_over_the_senders_quota_are_refused(cluster: Cluster) -> None:
+    await cluster.add()
+    victim = await cluster.add(limits=DhtLimits(per_peer_quota_bytes=300))
+    expiry = time.time() + HOUR
+    attacker = await attacker_host(cluster)
+    try:
+        first, second = (Entry(b"k", sub, b"x" * 200, expiry) for sub in (b"a", b"b"))
+        assert await raw_store(attacker, victim, [first, second]) == [
+            RefusalCode.OK,
+            RefusalCode.QUOTA,
+        ]
+    finally:
+        await attacker.stop()
+    assert victim.stats().refusals == {"QUOTA": 1}
+    assert victim.get_local(b"k") == {b"a": Record(b"x" * 200, expiry)}
 
 
 async def test_local_checks_raise_typed_errors_before_sending(cluster: Cluster) -> None:

@@ -15,8 +15,7 @@ from dht._messages import Ping, encode_request
 from p2p import Host
 from security import KeyPair
 from tests.dht.dht_helpers import Cluster
-from transport._multiaddr import Multiaddr
-from transport._quic import QuicTransport
+from transport import Multiaddr, QuicTransport
 
 HOUR = 3600.0
 
