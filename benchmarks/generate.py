@@ -20,10 +20,10 @@ that figures compare with other systems measured the same way:
 
 Memory: a server of a quarter of the blocks of a 24-layer model (the small shape with 24
 layers) must peak at no more than a quarter of the full model's weight bytes plus a fixed
-overhead. Its peak resident memory (``VmHWM``, i.e. ``ru_maxrss``) once online is compared
-with that of a process that only imports what a server imports (the fixed overhead), plus
-a ``--memory-slack-mb`` allowance for what one span's serving adds whatever its size
-(the throughput probe's block, buffers, allocator slack).
+overhead. Its peak resident memory once online (``VmHWM``: the process's own ``ru_maxrss``)
+is compared with that of a process that only imports what a server imports (the fixed
+overhead), plus a ``--memory-slack-mb`` allowance for what serving adds whatever the span's
+size (the throughput probe's block, buffers, allocator slack).
 
 The table goes to stdout; the LAST line is one JSON object with every figure.
 """
@@ -31,8 +31,8 @@ The table goes to stdout; the LAST line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import os
 import shutil
 import statistics
@@ -114,7 +114,7 @@ def checkpoint(shape: Shape, cache: Path) -> Path:
 
 def spans(layers: int, parts: int) -> list[tuple[int, int]]:
     bounds = [round(i * layers / parts) for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def join_args(
@@ -217,10 +217,12 @@ def peak_rss_mb(pid: int) -> float:
 
 
 BASELINE = """
-import resource
 import model_shards, model_shards._server_node, swarm._join, swarm._peer, transformers
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(status.split()[0])
 """
+"""What a server imports, no more; prints its peak resident KiB (``VmHWM``: unlike
+``ru_maxrss``, it does not inherit the parent's peak across fork and exec)."""
 
 
 def bench_memory(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
@@ -296,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"node logs in {logs}")
     results = [bench_shape(SHAPES[name], args, logs) for name in args.shapes.split(",")]
     summary: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats}
-    header = f"{'shape':<8} {'swarm tok/s':>11} {'local tok/s':>11} {'ratio':>6} {'ms/token/hop':>12} identical"
+    header = (
+        f"{'shape':<8} {'swarm tok/s':>11} {'local tok/s':>11} {'ratio':>6} "
+        f"{'ms/token/hop':>12} identical"
+    )
     print(header)
     print("-" * len(header))
     for r in results:

@@ -138,7 +138,12 @@ def plan_rebalance(
     while len(planned) < settings.max_plan_moves:
         low = min(caps)
         step = _best_move(
-            caps, counts, movers, goal if low < goal else low, goal if low < goal else cap
+            caps,
+            counts,
+            movers,
+            goal if low < goal else low,
+            goal if low < goal else cap,
+            settings.plan_candidates,
         )
         if step is None:
             break
@@ -214,7 +219,12 @@ class _Mover(NamedTuple):
 
 
 def _best_move(
-    caps: list[int], counts: list[int], movers: list[_Mover], floor: float, cap: float
+    caps: list[int],
+    counts: list[int],
+    movers: list[_Mover],
+    floor: float,
+    cap: float,
+    candidates: int,
 ) -> tuple[int, int] | None:
     """The greedy step: (index in ``movers``, new start), or None when nothing helps.
 
@@ -245,9 +255,10 @@ def _best_move(
     dropped: dict[tuple[int, int], int | None] = {}
     best: tuple[int, int] | None = None
     best_key: tuple[float, float, int, int, int] = (low, low, 0, 0, 0)
+    considered = 0
     for index in range(first, len(movers)):
         _, rank, _, start, length, throughput = movers[index]
-        if low + throughput < best_key[0]:
+        if low + throughput < best_key[0] or considered >= candidates:
             break
         end = start + length
         if start <= weakest < end:
@@ -277,6 +288,7 @@ def _best_move(
                 )
             if weakest_lost is None or weakest_lost - throughput <= floor:
                 continue
+            considered += 1
             lift = min(weakest_lost - throughput, low + throughput)
             key = (min(lift, outside), min(lift, cap), lose_lo - lose_hi, -throughput, -rank)
             if key > best_key:

@@ -1,7 +1,8 @@
 """The demo's model: a small Llama with random weights (seed 0) and a byte-level tokenizer.
 
 Built with ``transformers`` and ``tokenizers`` alone (nothing downloaded) into a cache
-folder, once; later runs reuse it.
+folder, once; later runs reuse it. Its LM head keeps only the rows of letters and the
+space, so that the (meaningless) text it generates prints as text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def byte_tokenizer() -> object:
     )
 
 
+def _letters(tokenizer: object) -> list[int]:
+    """Token ids of the ASCII letters and the space."""
+    ids = []
+    for token_id in range(len(tokenizer)):  # type: ignore[arg-type]
+        text = tokenizer.decode([token_id])  # type: ignore[attr-defined]
+        if len(text) == 1 and text.isascii() and (text.isalpha() or text == " "):
+            ids.append(token_id)
+    return ids
+
+
 def demo_model(cache_dir: Path) -> Path:
     """The demo checkpoint's directory in ``cache_dir``, built first if missing."""
     path = cache_dir / DEMO_NAME
@@ -48,10 +59,15 @@ def demo_model(cache_dir: Path) -> Path:
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
+    silent = torch.ones(config.vocab_size, dtype=torch.bool)
+    silent[_letters(tokenizer)] = False
+    with torch.no_grad():
+        model.lm_head.weight[silent] = 0
     partial = cache_dir / f"{DEMO_NAME}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -31,6 +31,7 @@ class YamuxLimits:
     max_pending_accept: int = 256
     keepalive_s: float = 20.0
     read_chunk_bytes: int = 1 * MIB
+    """Largest receive buffer: it starts at 64 KiB and doubles while reads fill it."""
     close_timeout_s: float = 5.0
 
 
@@ -73,7 +74,7 @@ class TcpLimits:
 
     handshake_timeout_s: float = 10.0
     read_chunk_bytes: int = 256 * KIB
-    """Buffer depth of the socket reader: it pauses the socket at twice this unread."""
+    """Unread bytes the handshake buffers at most before it stops reading the socket."""
     max_pending_handshakes: int = 256
     """Inbound handshakes in progress per listener; clients beyond it are dropped."""
 

@@ -105,19 +105,22 @@ class _Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = "the connection was closed" if exc is None else f"the connection broke: {exc}"
         self._wake_reader()
-        self.resume_writing()
+        self._wake_writer()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_writer()
 
     def _wake_reader(self) -> None:
         waiter, self._read_waiter = self._read_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -127,9 +130,8 @@ class _Pipe(asyncio.Protocol):
         buffer = self._buffer
         while len(buffer) < n:
             if self._eof or self._lost is not None:
-                raise StreamClosed(
-                    f"peer closed the connection after {len(buffer)} of {n} expected bytes"
-                )
+                reason = self._lost or "peer closed the connection"
+                raise StreamClosed(f"{reason} after {len(buffer)} of {n} expected bytes")
             self._read_waiter = asyncio.get_running_loop().create_future()
             await self._read_waiter
         data = bytes(buffer[:n])

@@ -14,10 +14,16 @@ violation, a dead peer) wakes every pending operation with ``ConnectionClosed`` 
 Copies are few: the transport reads into one reusable buffer (the connection is a
 ``BufferedProtocol``; TLS decrypts straight into it), each payload is copied once out of
 it, reads return whole chunks when they fit, and large writes go to the transport at
-once as views of the caller's buffer, behind their 12-byte header. Small frames (headers,
-window updates, short writes) are collected and written together: right before the task
-that queued them waits on a stream, else at the next event-loop iteration, so that a
-reply, its acknowledgement and its FIN leave in one TLS record.
+once as views of the caller's buffer, behind their 12-byte header.
+
+Every transport write costs a TLS record and a system call on both ends, so small frames
+travel together. A short write goes out at once when nothing else is queued (an echo
+costs one write per message); otherwise it joins what is queued, which leaves right
+before the task that queued it waits on a stream, when it half-closes a stream the peer
+still uses, or at the next event-loop iteration, whichever comes first. An accepted
+stream's acknowledgement waits for the stream's first frames. A reply thus leaves with
+its acknowledgement and its FIN in one TLS record, and a request with the SYN of its
+stream and the FIN of the previous one.
 """
 
 from __future__ import annotations
@@ -267,7 +273,7 @@ class YamuxStream:
             self._write_closed = True
             return
         self._write_closed = True
-        self._conn._close_write(self.stream_id)
+        self._conn._close_write(self.stream_id, peer_done=self._eof)
         if self._eof:
             self._conn._forget(self.stream_id)
         _wake(self._write_waiter)
@@ -571,9 +577,15 @@ class YamuxConnection(asyncio.BufferedProtocol):
             self._flush_soon()
         return n
 
-    def _close_write(self, stream_id: int) -> None:
+    def _close_write(self, stream_id: int, *, peer_done: bool) -> None:
+        """Queue a FIN. While the peer may wait for it, it leaves at once, with what was
+        queued before (a reply and its FIN go together); a FIN that merely completes a
+        stream both sides are done with waits for company."""
         self._core.close_write(stream_id)
-        self._flush_soon()
+        if peer_done:
+            self._flush_soon()
+        else:
+            self._flush()
 
     def _reset(self, stream_id: int) -> None:
         self._core.reset(stream_id)

@@ -31,7 +31,7 @@ from transport._errors import (
 )
 from transport._limits import MIB, TcpLimits, TransportLimits
 from transport._multiaddr import Multiaddr
-from transport._multistream import select_protocol
+from transport._multistream import PROTOCOL_ID, encode_message, select_protocol
 from transport._tcp import TLS_PROTOCOL, TcpTransport
 from transport._tls_verify import request_any_peer_certificate
 
@@ -314,6 +314,45 @@ async def test_garbage_instead_of_multistream_is_dropped(server: Server) -> None
     writer.write(b"\xff\xff\xff\x7fGET / HTTP/1.1\r\nHost: swarm\r\n\r\n")
     await assert_dropped(reader, writer)
     await assert_serving(server)
+
+
+async def test_bytes_behind_the_tls_proposal_are_refused_at_once() -> None:
+    """TLS starts on the socket, so bytes already read behind the proposal would be lost:
+    the listener drops such a client without waiting out its handshake timeout."""
+    limits = dataclasses.replace(FAST, tcp=dataclasses.replace(FAST.tcp, handshake_timeout_s=5.0))
+    srv = await Server(limits).start()
+    try:
+        reader, writer = await asyncio.open_connection(*srv.addr.host_port())
+        proposal = b"".join(
+            encode_message(text, limits=FAST.multistream) for text in (PROTOCOL_ID, TLS_PROTOCOL)
+        )
+        started = time.monotonic()
+        writer.write(proposal + b"\x16\x03\x01 not yet")
+        await assert_dropped(reader, writer)
+        assert time.monotonic() - started < 2.0
+        assert srv.accepted.empty()
+        await assert_serving(srv)
+    finally:
+        await srv.transport.close()
+
+
+async def test_streams_opened_at_once_by_the_listener_arrive(client: TcpTransport) -> None:
+    """The listener's first frames travel with its last negotiation answer: the dialer
+    hands them to yamux instead of losing them."""
+
+    async def greet(connection: Connection) -> None:
+        stream = await connection.open_stream()
+        await stream.write(b"welcome")
+        await stream.close()
+
+    listener = await client.listen(LOOPBACK, greet)
+    dialer = TcpTransport(KeyPair.generate(), FAST)
+    try:
+        connection = await dialer.dial(listener.addrs[0])
+        stream = await asyncio.wait_for(connection.accept_stream(), 5)
+        assert await asyncio.wait_for(read_all(stream), 5) == b"welcome"
+    finally:
+        await dialer.close()
 
 
 async def test_silent_client_times_out_without_blocking_others(server: Server) -> None:

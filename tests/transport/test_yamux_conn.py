@@ -20,11 +20,15 @@ from transport._limits import KIB, MIB, MultistreamLimits, YamuxLimits
 from transport._multiaddr import Multiaddr
 from transport._multistream import handle_protocols, select_protocol_lazy
 from transport._yamux import (
+    FLAG_ACK,
+    FLAG_FIN,
     FLAG_SYN,
     GO_AWAY_PROTOCOL_ERROR,
     HEADER,
+    TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_PING,
+    TYPE_WINDOW_UPDATE,
     encode_header,
 )
 from transport._yamux_conn import YamuxConnection, YamuxStream
@@ -62,6 +66,7 @@ def wrap(
     *,
     is_client: bool,
     limits: YamuxLimits,
+    received: bytes = b"",
 ) -> YamuxConnection:
     _, writer = side
     local, remote = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
@@ -73,6 +78,7 @@ def wrap(
         local_addr=Multiaddr.for_tcp(local[0], local[1]),
         remote_addr=Multiaddr.for_tcp(remote[0], remote[1]),
         limits=limits,
+        received=received,
     )
     connection.start()
     return connection
@@ -358,3 +364,54 @@ async def test_answered_pings_keep_the_connection_and_measure_rtt() -> None:
         await asyncio.sleep(0.7)
         assert not client.is_closed and not server.is_closed
         assert client.rtt_s is not None and 0 < client.rtt_s < 1
+
+
+async def test_bytes_read_before_the_takeover_reach_their_stream() -> None:
+    async with socket_pair() as (raw, server_side):
+        _, peer = raw
+        reader, _ = server_side
+        opening = encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0)
+        peer.write(opening + encode_header(TYPE_DATA, 0, 1, 5) + b"ear")
+        # What a negotiation read past its end, cut inside a frame.
+        early = await reader.readexactly(len(opening) + 12 + 3)
+        server = wrap(server_side, is_client=False, limits=LIMITS, received=early)
+        peer.write(b"ly" + encode_header(TYPE_DATA, 0, 1, 4) + b" on!")
+        stream = await asyncio.wait_for(server.accept_stream(), 5)
+        assert await asyncio.wait_for(stream.readexactly(9), 5) == b"early on!"
+        peer.transport.abort()
+        await server.close()
+
+
+async def test_an_accepted_stream_is_acknowledged_before_its_reader_waits() -> None:
+    async with socket_pair() as (raw, server_side):
+        server = wrap(server_side, is_client=False, limits=LIMITS)
+        reader, peer = raw
+        assert HEADER.unpack(await reader.readexactly(12))[1] == TYPE_PING
+        peer.write(encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0))
+        stream = await asyncio.wait_for(server.accept_stream(), 5)
+        reading = asyncio.create_task(stream.read())
+        ack = HEADER.unpack(await asyncio.wait_for(reader.readexactly(12), 5))
+        assert ack[1:4] == (TYPE_WINDOW_UPDATE, FLAG_ACK, 1)
+        reading.cancel()
+        peer.transport.abort()
+        await server.close()
+
+
+async def test_a_reply_follows_the_acknowledgement_and_precedes_the_fin() -> None:
+    async with socket_pair() as (raw, server_side):
+        server = wrap(server_side, is_client=False, limits=LIMITS)
+        reader, peer = raw
+        assert HEADER.unpack(await reader.readexactly(12))[1] == TYPE_PING
+        peer.write(encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0))
+        peer.write(encode_header(TYPE_DATA, 0, 1, 2) + b"hi")
+        stream = await asyncio.wait_for(server.accept_stream(), 5)
+        assert await stream.readexactly(2) == b"hi"
+        await stream.write(b"yo")
+        await stream.close()
+        frames = await asyncio.wait_for(reader.readexactly(3 * 12 + 2), 5)
+        assert HEADER.unpack(frames[:12])[1:4] == (TYPE_WINDOW_UPDATE, FLAG_ACK, 1)
+        assert HEADER.unpack(frames[12:24])[1:] == (TYPE_DATA, 0, 1, 2)
+        assert frames[24:26] == b"yo"
+        assert HEADER.unpack(frames[26:])[1:4] == (TYPE_WINDOW_UPDATE, FLAG_FIN, 1)
+        peer.transport.abort()
+        await server.close()
