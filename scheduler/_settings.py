@@ -22,7 +22,7 @@ class SchedulerSettings:
     you want (the placement benchmark's swarms end within 6% of their upper bound)."""
     max_plan_moves: int = 256
     """Most servers one rebalancing plan moves; a longer plan waits for the next round."""
-    plan_candidates: int = 16
+    plan_candidates: int = 32
     """Moves a plan's greedy step weighs: those of the fastest servers that may move
     (bounds a step's cost in swarms of thousands)."""
     rebalance_period_s: float = 300.0

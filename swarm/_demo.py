@@ -40,30 +40,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from model_shards._client import DistributedModelForCausalLM
-    from model_shards._server_limits import ClientLimits
-
-    from ._demo_model import demo_model
-
-    torch.set_num_threads(args.threads)
-    cache_dir = args.cache_dir or default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = demo_model(cache_dir)
-    say(f"demo model: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    num_blocks = local.config.num_hidden_layers
-    per_server = math.ceil(num_blocks / args.servers)
     logs = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
-    nodes: list[NodeProcess] = []
+    # the bootstrap node imports no torch: it starts while this process loads the model
+    bootstrap = NodeProcess(
+        ["bootstrap", "--listen", QUIC_LOOPBACK], log_path=logs / "bootstrap.log"
+    )
+    nodes: list[NodeProcess] = [bootstrap]
     try:
-        bootstrap = NodeProcess(
-            ["bootstrap", "--listen", QUIC_LOOPBACK], log_path=logs / "bootstrap.log"
-        )
-        nodes.append(bootstrap)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from model_shards._client import DistributedModelForCausalLM
+        from model_shards._server_limits import ClientLimits
+
+        from ._demo_model import demo_model
+
+        torch.set_num_threads(args.threads)
+        cache_dir = args.cache_dir or default_cache_dir()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = demo_model(cache_dir)
+        say(f"demo model: {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        per_server = math.ceil(local.config.num_hidden_layers / args.servers)
         bootstrap_addr = bootstrap.addr(args.timeout)
         say(f"bootstrap: {bootstrap_addr}")
         servers = []

@@ -147,9 +147,9 @@ class QuicStream:
     # closing
 
     async def close(self) -> None:
+        # No STOP_SENDING here: a peer that is still writing its answer (py-libp2p's
+        # identify does) would see its stream fail. Whatever arrives later is dropped.
         await self.close_write()
-        if not self._eof and self._read_error is None and not self._conn.is_closed:
-            self._conn.stop_sending(self.stream_id)
         self._fail_reads(StreamClosed(f"stream {self.stream_id} is closed"))
 
     def reset(self) -> None:
@@ -166,6 +166,9 @@ class QuicStream:
 
     def on_data(self, data: bytes, end_stream: bool) -> None:
         if self._read_error is not None:
+            if end_stream:
+                self._eof = True
+                self._conn.release_if_done(self)
             return
         self._buffer += data
         if end_stream:

@@ -12,11 +12,21 @@ import pytest
 import torch
 import transformers
 
+from swarm._cli import main
 from swarm._demo_model import byte_tokenizer
 from tests.model_shards.tiny import CONFIGS
 from tests.swarm.harness import ProcessSwarm
 
 TCP = "/ip4/127.0.0.1/tcp/0"
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``python -m swarm ARGS`` run in this process; its stdout."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    assert exited.value.code == 0
+    return capsys.readouterr().out
 
 
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -53,7 +63,10 @@ def processes(tmp_path: Path) -> Iterator[ProcessSwarm]:
 
 @pytest.mark.timeout(300)
 def test_join_status_generate_and_graceful_leave(
-    talking_llama: tuple[Path, object, object], processes: ProcessSwarm, tmp_path: Path
+    talking_llama: tuple[Path, object, object],
+    processes: ProcessSwarm,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path, model, tokenizer = talking_llama
     common = ["--model", str(path), "--blocks", "auto", "--num-blocks", "2", "--listen", TCP]
@@ -68,27 +81,33 @@ def test_join_status_generate_and_graceful_leave(
     online = second.wait_for("online", 120)
     assert online.startswith(f"online: blocks 2:4 of {path.name}@")
 
-    status = swarm_cli("status", "--bootstrap", addr)
-    assert status.returncode == 0, status.stderr
-    assert f"model {path.name}@" in status.stdout and "(llama, 4 blocks)" in status.stdout
-    assert "0:2" in status.stdout and "2:4" in status.stdout
-    assert "every block served" in status.stdout
+    status = run_cli(capsys, "status", "--bootstrap", addr)
+    assert f"model {path.name}@" in status and "(llama, 4 blocks)" in status
+    assert "0:2" in status and "2:4" in status
+    assert "every block served" in status
 
     prompt = "Hello swarm"
     ids = tokenizer(prompt, return_tensors="pt")  # type: ignore[operator]
     expected = model.generate(**ids, do_sample=False, max_new_tokens=12)  # type: ignore[attr-defined]
     text = tokenizer.decode(expected[0], skip_special_tokens=True)  # type: ignore[attr-defined]
-    generated = swarm_cli(
-        "generate", "--model", str(path), "--bootstrap", addr, prompt, "--max-new-tokens", "12"
+    generated = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(path),
+        "--bootstrap",
+        addr,
+        prompt,
+        "--max-new-tokens",
+        "12",
     )
-    assert generated.returncode == 0, generated.stderr
-    assert generated.stdout.strip() == text.strip()
+    assert generated.strip() == text.strip()
 
     assert second.stop() == 0
     assert second.lines[-1] == "offline"
-    status = swarm_cli("status", "--bootstrap", addr, "--json")
-    (model_report,) = json.loads(status.stdout.splitlines()[-1])["models"]
-    states = {tuple(s["blocks"]): s["state"] for s in model_report["servers"]}
+    status = run_cli(capsys, "status", "--bootstrap", addr, "--json")
+    (report,) = json.loads(status.splitlines()[-1])["models"]
+    states = {tuple(s["blocks"]): s["state"] for s in report["servers"]}
     assert states == {(0, 2): "online", (2, 4): "offline"}
     assert first.stop() == 0
 
