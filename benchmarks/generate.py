@@ -25,7 +25,8 @@ is compared with that of a process that only imports what a server imports (the 
 overhead), plus a ``--memory-slack-mb`` allowance for what serving adds whatever the span's
 size (the throughput probe's block, buffers, allocator slack).
 
-The table goes to stdout; the LAST line is one JSON object with every figure.
+The machine is shared: ``load_average_1min`` (before, after the generation runs) says how
+busy it was. The table goes to stdout; the LAST line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -296,8 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logs = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     log(f"node logs in {logs}")
+    load_before = os.getloadavg()[0]
     results = [bench_shape(SHAPES[name], args, logs) for name in args.shapes.split(",")]
-    summary: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats}
+    summary: dict[str, Any] = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     header = (
         f"{'shape':<8} {'swarm tok/s':>11} {'local tok/s':>11} {'ratio':>6} "
         f"{'ms/token/hop':>12} identical"

@@ -10,7 +10,11 @@ then the header, then the payload::
       "d"   seconds left until the call's deadline          first frame of a call
       "o"   true: opens a streaming call (no value)         first frame of a stream
       "e"   error code, "m" error message                   error frames
+      "i"   call id: the frame belongs to one of the unary calls multiplexed on the stream
+      "c"   true: cancels call "i" (no value)                 cancel frames
 
+A caller may carry many unary calls on one stream: each request, reply and error frame
+then names its call by "i"; an error frame without "i" ends every call of that stream.
 The payload (tensor bytes) never passes through msgpack: a sender writes it as a
 memoryview of the caller's buffer, and ``FrameDecoder`` hands it out as a memoryview
 over the received chunk, or over one join of the chunks when it spans several, so
@@ -42,6 +46,8 @@ class MessageFrame:
     payload: memoryview | None
     deadline_s: float | None
     """Seconds the sender had left until the call's deadline, when it set one."""
+    call_id: int | None = None
+    """The call this frame belongs to, on a stream that multiplexes unary calls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,15 @@ class ErrorFrame:
 
     code: str
     message: str
+    call_id: int | None = None
+    """The call it ends; None ends every call of the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallCancelled:
+    """The caller gave up call ``call_id`` of a multiplexed stream."""
+
+    call_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +91,7 @@ class FrameRejected:
         return f"malformed RPC frame from {peer}: {self.reason}"
 
 
-FrameEvent = MessageFrame | CallOpened | ErrorFrame | FrameRejected
+FrameEvent = MessageFrame | CallOpened | ErrorFrame | CallCancelled | FrameRejected
 _EMPTY = memoryview(b"")
 
 
@@ -105,7 +120,12 @@ def _prefix(header_len: int, payload_len: int) -> bytes:
 
 
 def encode_message(
-    value: Any, payload_len: int | None, *, deadline_s: float | None, max_frame_bytes: int
+    value: Any,
+    payload_len: int | None,
+    *,
+    deadline_s: float | None,
+    max_frame_bytes: int,
+    call_id: int | None = None,
 ) -> bytes:
     """The frame's prefix and header; the caller writes ``payload_len`` payload bytes after.
 
@@ -117,6 +137,8 @@ def encode_message(
         header["p"] = True
     if deadline_s is not None:
         header["d"] = deadline_s
+    if call_id is not None:
+        header["i"] = call_id
     packed = msgpack.packb(header)
     size = len(packed) + (payload_len or 0)
     if size > max_frame_bytes:
@@ -133,22 +155,40 @@ def encode_open(deadline_s: float | None) -> bytes:
     return _prefix(len(packed), 0) + packed
 
 
-def encode_error(code: str, message: str) -> bytes:
+def encode_error(code: str, message: str, call_id: int | None = None) -> bytes:
     """An error frame (no size check: error messages are short)."""
-    packed = msgpack.packb({"e": str(code), "m": message})
+    header: dict[str, Any] = {"e": str(code), "m": message}
+    if call_id is not None:
+        header["i"] = call_id
+    packed = msgpack.packb(header)
+    return _prefix(len(packed), 0) + packed
+
+
+def encode_cancel(call_id: int) -> bytes:
+    """The frame cancelling call ``call_id`` of a multiplexed stream."""
+    packed = msgpack.packb({"c": True, "i": call_id})
     return _prefix(len(packed), 0) + packed
 
 
 def _interpret(header: Any, payload: memoryview, has_payload_bytes: bool) -> FrameEvent:
     if type(header) is not dict:
         return FrameRejected(f"header is a msgpack {type(header).__name__}, not a map")
+    call_id = header.get("i")
+    if call_id is not None and (type(call_id) is not int or call_id < 0):
+        return FrameRejected(f"call id {call_id!r} is not a non-negative integer")
+    if header.get("c") is True:
+        if call_id is None:
+            return FrameRejected("cancel frame without a call id")
+        if has_payload_bytes:
+            return FrameRejected("cancel frame carries a payload")
+        return CallCancelled(call_id)
     if "e" in header:
         code, message = header["e"], header.get("m", "")
         if type(code) is not str or type(message) is not str:
             return FrameRejected("error frame code and message must be strings")
         if has_payload_bytes:
             return FrameRejected("error frame carries a payload")
-        return ErrorFrame(code, message)
+        return ErrorFrame(code, message, call_id)
     deadline = header.get("d")
     if deadline is not None and (
         (type(deadline) is not float and type(deadline) is not int) or not math.isfinite(deadline)
@@ -158,12 +198,14 @@ def _interpret(header: Any, payload: memoryview, has_payload_bytes: bool) -> Fra
     if header.get("o") is True:
         if flagged:
             return FrameRejected("the frame opening a call carries a payload")
+        if call_id is not None:
+            return FrameRejected("the frame opening a streaming call carries a call id")
         return CallOpened(deadline)
     if not flagged:
         if has_payload_bytes:
             return FrameRejected("payload bytes follow a header without the payload flag")
-        return MessageFrame(header.get("v"), None, deadline)
-    return MessageFrame(header.get("v"), payload, deadline)
+        return MessageFrame(header.get("v"), None, deadline, call_id)
+    return MessageFrame(header.get("v"), payload, deadline, call_id)
 
 
 class FrameDecoder:

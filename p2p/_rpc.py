@@ -1,10 +1,14 @@
 """RPC over streams, the asyncio shell around ``_frames``: values, contexts, ``RpcStream``.
 
-Every call gets its own stream and negotiates its protocol lazily, so a unary call is
-one flight each way (``_rpc_client``, ``_rpc_server``)::
+Unary calls to one peer and protocol share one stream, negotiated lazily with the
+first request; each frame names its call by id ("i"), so a unary call is one frame each
+way (``_rpc_client``, ``_rpc_server``)::
 
-    caller -> [multistream header, proposal] [request frame, "d" = seconds left] [payload]
-    server <- [multistream header, echo]     [reply or error frame]              [payload]
+    caller -> [multistream header, proposal] [request frame, "i", "d" = seconds left] [payload]
+    server <- [multistream header, echo]     [reply or error frame, "i"]              [payload]
+
+A caller that gives up sends a cancel frame ("c", "i"). A request with a large payload
+takes a stream of its own, without call id, as a streaming call does.
 
 A streaming call opens with an ``"o"`` frame carrying the deadline, then both sides
 send message frames until each closes its side; an error frame ends it. Payloads
@@ -45,7 +49,7 @@ from ._frames import (
 )
 from ._negotiate import confirm_lazy
 
-_COALESCE_BYTES = 64 * KIB
+COALESCE_BYTES = 64 * KIB
 """Payloads up to this size ride in the header's write (one transport write per frame)."""
 
 Payload = bytes | bytearray | memoryview
@@ -85,7 +89,7 @@ def byte_view(payload: Payload) -> memoryview:
 async def write_frame(stream: Stream, head: bytes, view: memoryview | None) -> None:
     if view is None:
         await stream.write(head)
-    elif len(view) <= _COALESCE_BYTES:
+    elif len(view) <= COALESCE_BYTES:
         await stream.write(head + view)
     else:
         await stream.write(head)

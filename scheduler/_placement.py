@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from ._errors import SchedulerConfigError
 from ._model import SwarmSnapshot, capacity_units, is_active, to_units
 
-
 _INF = math.inf
 
 

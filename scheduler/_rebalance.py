@@ -3,33 +3,38 @@
 Every server checks now and then (``next_check_at``: a jittered period) and asks
 ``should_move(snapshot, me)``. All servers answer from the same deterministic plan:
 
-1. ``plan_rebalance`` computes, from the snapshot alone, a greedy sequence of moves.
-   Each step takes the weakest block (lowest index on ties), the neediest window of each
-   span length that contains it (smallest sorted throughputs inside), and among the
-   online servers not yet moved by this plan and not on that block, the one whose move
-   leaves the changed blocks strongest (the least of: the blocks it leaves, minus its
-   throughput; the blocks it joins, plus it). A move must lift every changed block above
-   the current minimum, and may leave no block it drops without another server (joining
-   servers count here: they will serve). Ties go to the move that changes fewer blocks,
-   then to the lower peer id. The plan stops when no such move remains, or after
-   ``SchedulerSettings.max_plan_moves`` moves.
-2. The plan is carried out only if it raises the minimum per-block throughput by more
-   than ``quality_threshold`` (1.15x by default), or covers a block nobody serves.
-   A swarm whose mean per-block throughput (``SwarmSnapshot.upper_bound``) is already
-   within the threshold of its minimum has no plan worth carrying out, and none is
-   computed.
+1. ``plan_rebalance`` computes, from the snapshot alone, a greedy sequence of moves,
+   each of an online server not yet moved by this plan. A step takes the weakest block
+   (lowest index on ties) and tries, per server not on it, two windows of that server's
+   length holding it: the smallest shift of its span (fewest blocks to reload) and the
+   neediest window (least total throughput). A move qualifies if every block it drops
+   keeps another server (joining servers count: they will serve) and stays above a
+   floor: the goal ``quality_threshold * minimum now`` while some block is under it,
+   then the current minimum. Among qualifying moves (those of the
+   ``SchedulerSettings.plan_candidates`` fastest servers that have one), the step takes
+   the one that leaves the highest swarm minimum, then lifts its blocks the most, then
+   changes fewer blocks, then moves the slower server, then the lower peer id. The plan
+   stops when no move qualifies, or after ``max_plan_moves`` moves.
+2. The plan is carried out only if it raises the minimum per-block throughput (online
+   and joining servers) by more than ``quality_threshold`` (1.05x by default), or covers
+   a block nobody serves. A swarm whose ``SwarmSnapshot.upper_bound`` is within the
+   threshold of its minimum has no plan worth carrying out, and none is computed.
+   As plans are re-computed after every move, a rebalance stops once what is left of it
+   gains less than the threshold: the swarm settles within that factor of what the
+   plan reaches.
 3. A server moves iff the plan moves it, and only while every block it drops has
    another *online* server right now: a server never uncovers a block, not even while
    others are still loading theirs (it waits for the next check).
 
-Herds (several servers jumping into the same gap) are avoided by this deterministic
-priority: every server runs the same plan on the same announcements, so a gap that one
-server fills is given to exactly that server, and the others see it filled. A server
-that moved announces itself as joining while it loads, which counts for placement, so
-a later check, plan or join sees the gap as filled; a joining server is never picked to
-move again before it is online. Servers whose views differ (announcements still in
-flight) may disagree; the jitter of the checks spreads them out in time so that one's
-move reaches the others' view before they check again.
+Herds (several servers jumping into the same gap) are avoided by deterministic
+priority: every server runs the same plan on the same announcements (the snapshot's
+canonical order makes the sums bit-identical), so a gap that one server fills is given
+to exactly that server, and the plan's later moves already count on it. A server that
+moved announces itself as joining while it loads, which counts for placement, so later
+checks, plans and joins see the gap as filled; a joining server is never picked to move
+before it is online. Servers whose views differ (announcements still in flight) may
+disagree; the jitter of the checks spreads them out in time so that one's move reaches
+the others' view before they check again.
 
 A move returns the new span; the caller reloads only the blocks that change.
 """
@@ -45,8 +50,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._model import (
-    PeerKey,
     THROUGHPUT_UNITS,
+    PeerKey,
     ServerState,
     SwarmSnapshot,
     capacity_units,
@@ -228,31 +233,21 @@ def _best_move(
 ) -> tuple[int, int] | None:
     """The greedy step: (index in ``movers``, new start), or None when nothing helps.
 
-    A server of throughput ``t`` moves into a window that holds the weakest block
-    (``low``); it qualifies if every block it drops keeps more than ``floor`` (``>= low``),
-    and, if so, lifts the blocks it changes to ``min(lost - t, low + t)``, where ``lost``
-    is the weakest block it drops. Moves rank by the swarm's minimum after them, then by
-    that lift (capped at ``cap``), then by fewer blocks changed, smaller throughput and
-    lower peer id. Two windows are tried per server: the smallest shift of its span that
-    reaches the weakest block (it drops the fewest blocks) and the neediest window of its
-    length around that block (the least total throughput). As ``lost - t`` is at most
-    ``max(caps) - t``, ``movers`` (largest throughput first) is scanned from the first
-    server with ``t < max(caps) - floor``, and the scan stops once ``low + t`` cannot beat
-    the best move found.
+    A server of throughput ``t`` moving into a window that holds the weakest block
+    (``low``) lifts the blocks it changes to ``min(lost - t, low + t)``, where ``lost`` is
+    the weakest block it drops; it qualifies if ``lost - t > floor``. Keys: the swarm's
+    minimum after the move, that lift (capped at ``cap``), fewer blocks changed, smaller
+    throughput, lower peer id. As ``lost - t`` is at most ``max(caps) - t``, ``movers``
+    (largest throughput first) is scanned from the first server with
+    ``t < max(caps) - floor``; the scan stops once ``low + t`` cannot beat the best move
+    found, or once ``candidates`` qualifying moves have been weighed.
     """
-    n = len(caps)
     low = min(caps)
-    weakest = caps.index(low)
     first = bisect.bisect_right(movers, floor - max(caps), key=lambda m: m.neg_throughput)
     if first == len(movers):
         return None
-    # A block at or under ``floor + t`` of the slowest mover can be dropped by no one.
-    blocked = [0, *itertools.accumulate(c <= floor + movers[-1].throughput for c in caps)]
-    sums = [0, *itertools.accumulate(caps)]
-    prefix = [*itertools.accumulate(caps, min, initial=_INF)]
-    suffix = [*reversed([*itertools.accumulate(reversed(caps), min, initial=_INF)])]
-    needy: dict[int, int] = {}
-    dropped: dict[tuple[int, int], int | None] = {}
+    step = _Step(caps, counts, floor + movers[-1].throughput)
+    options: dict[tuple[int, int], tuple[tuple[int, int, int, int], ...]] = {}
     best: tuple[int, int] | None = None
     best_key: tuple[float, float, int, int, int] = (low, low, 0, 0, 0)
     considered = 0
@@ -260,37 +255,61 @@ def _best_move(
         _, rank, _, start, length, throughput = movers[index]
         if low + throughput < best_key[0] or considered >= candidates:
             break
-        end = start + length
-        if start <= weakest < end:
-            continue
-        target = needy.get(length)
-        if target is None:
-            target = needy[length] = _neediest_start(sums, length, weakest)
-        shift = weakest - length + 1 if weakest >= end else weakest
-        shift = min(max(shift, 0), n - length)
-        for candidate in (target,) if shift == target else (target, shift):
-            if candidate > start:
-                lose_lo, lose_hi = start, min(end, candidate)
-                gain_lo, gain_hi = max(candidate, end), candidate + length
-                outside = min(prefix[lose_lo], suffix[gain_hi], *caps[lose_hi:gain_lo])
-            else:
-                lose_lo, lose_hi = max(start, candidate + length), end
-                gain_lo, gain_hi = candidate, min(candidate + length, start)
-                outside = min(prefix[gain_lo], suffix[lose_hi], *caps[gain_hi:lose_lo])
-            lose = (lose_lo, lose_hi)
-            if lose in dropped:
-                weakest_lost = dropped[lose]
-            else:
-                weakest_lost = dropped[lose] = (
-                    min(caps[lose_lo:lose_hi])
-                    if blocked[lose_hi] == blocked[lose_lo] and min(counts[lose_lo:lose_hi]) >= 2
-                    else None
-                )
-            if weakest_lost is None or weakest_lost - throughput <= floor:
+        group = options.get((start, length))
+        if group is None:
+            group = options[start, length] = step.options(start, length)
+        for target, changed, lost, outside in group:
+            if lost - throughput <= floor:
                 continue
             considered += 1
-            lift = min(weakest_lost - throughput, low + throughput)
-            key = (min(lift, outside), min(lift, cap), lose_lo - lose_hi, -throughput, -rank)
+            lift = min(lost - throughput, low + throughput)
+            key = (min(lift, outside), min(lift, cap), -changed, -throughput, -rank)
             if key > best_key:
-                best, best_key = (index, candidate), key
+                best, best_key = (index, target), key
     return best
+
+
+class _Step:
+    """The per-block figures one greedy step reads, and the moves open to a span."""
+
+    def __init__(self, caps: list[int], counts: list[int], blocked_at: float) -> None:
+        self.caps = caps
+        self.counts = counts
+        self.low = min(caps)
+        self.weakest = caps.index(self.low)
+        # A block at or under ``floor + t`` of the slowest mover can be dropped by no one.
+        self.blocked = [0, *itertools.accumulate(c <= blocked_at for c in caps)]
+        self.sums = [0, *itertools.accumulate(caps)]
+        self.prefix = [*itertools.accumulate(caps, min, initial=_INF)]
+        self.suffix = [*reversed([*itertools.accumulate(reversed(caps), min, initial=_INF)])]
+        self.needy: dict[int, int] = {}
+
+    def options(self, start: int, length: int) -> tuple[tuple[int, int, int, int], ...]:
+        """``(new start, blocks dropped, weakest block dropped, weakest block unchanged)``
+        for each window a server on ``[start, start + length)`` may move to."""
+        caps, weakest, n = self.caps, self.weakest, len(self.caps)
+        end = start + length
+        if start <= weakest < end:
+            return ()
+        needy = self.needy.get(length)
+        if needy is None:
+            needy = self.needy[length] = _neediest_start(self.sums, length, weakest)
+        shift = min(max(weakest - length + 1 if weakest >= end else weakest, 0), n - length)
+        found = []
+        for target in (needy,) if shift == needy else (needy, shift):
+            if target > start:
+                lose_lo, lose_hi = start, min(end, target)
+            else:
+                lose_lo, lose_hi = max(start, target + length), end
+            if self.blocked[lose_hi] != self.blocked[lose_lo]:
+                continue
+            if min(self.counts[lose_lo:lose_hi]) < 2:
+                continue
+            if target > start:
+                gain_lo, gain_hi = max(target, end), target + length
+                outside = min(self.prefix[lose_lo], self.suffix[gain_hi], *caps[lose_hi:gain_lo])
+            else:
+                gain_lo, gain_hi = target, min(target + length, start)
+                outside = min(self.prefix[gain_lo], self.suffix[lose_hi], *caps[gain_hi:lose_lo])
+            found.append((target, lose_hi - lose_lo, min(caps[lose_lo:lose_hi]), outside))
+        return tuple(found)

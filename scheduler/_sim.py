@@ -17,6 +17,7 @@ of 1,000 servers is about 100 times the smallest); span lengths are uniform in
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import statistics
 from dataclasses import dataclass, field, replace
@@ -41,10 +42,10 @@ class ChurnScenario:
     min_throughput: float = 10.0
     """Scale of the Pareto distribution: the smallest throughput drawn."""
     leave_fraction: float = 0.2
-    join_window_s: float = 600.0
+    join_window_s: float = 300.0
     """Joins are spread uniformly over ``[0, join_window_s)``."""
     leave_at_s: float = 1800.0
-    leave_window_s: float = 300.0
+    leave_window_s: float = 60.0
     """Leaves are spread uniformly over ``[leave_at_s, leave_at_s + leave_window_s)``."""
     settle_s: float = 1800.0
     """How long the survivors rebalance after the last leave."""
@@ -108,6 +109,13 @@ def simulate_churn(scenario: ChurnScenario) -> ChurnReport:
 
 
 class _Run:
+    """One play of a scenario: a heap of (time, sequence, kind, server) events.
+
+    A rebalancing plan is computed once per distinct snapshot: every check on the same
+    announcements gets the same plan, and ``plan.decision_for(snapshot, me)`` is what
+    ``should_move(snapshot, me)`` answers.
+    """
+
     def __init__(self, scenario: ChurnScenario) -> None:
         self.sc = scenario
         self.rng = random.Random(scenario.seed)
@@ -122,18 +130,14 @@ class _Run:
         self.version = 0
         self.plan: tuple[int, RebalancePlan] | None = None
         self.events: list[tuple[float, int, int, int]] = []
-        self.seq = 0
+        self.sequence = itertools.count()
         self.checks = 0
 
     def push(self, time: float, kind: int, server: int) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (time, self.seq, kind, server))
+        heapq.heappush(self.events, (time, next(self.sequence), kind, server))
 
-    def change(self, server: ServerInfo | None, remove: PeerKey | None = None) -> None:
-        if remove is not None:
-            self.snapshot = self.snapshot.without(remove)
-        if server is not None:
-            self.snapshot = self.snapshot.with_server(server)
+    def update(self, snapshot: SwarmSnapshot) -> None:
+        self.snapshot = snapshot
         self.version += 1
 
     def play(self) -> ChurnReport:
@@ -144,23 +148,27 @@ class _Run:
         for index in leavers:
             self.push(sc.leave_at_s + self.rng.uniform(0.0, sc.leave_window_s), _LEAVE, index)
         end = sc.leave_at_s + sc.leave_window_s + sc.settle_s
-        after_joins: tuple[float, float] | None = None
-        after_leaves: tuple[float, float] | None = None
+        after_joins = after_leaves = self.measure()
+        leaves_left = len(leavers)
+        joined = False
         while self.events and self.events[0][0] < end:
             now, _, kind, index = heapq.heappop(self.events)
-            if after_joins is None and now >= sc.leave_at_s:
-                after_joins = self.measure()
+            if not joined and now >= sc.leave_at_s:
+                after_joins, joined = self.measure(), True
             if kind == _JOIN:
                 self.join(now, index)
             elif kind == _ONLINE:
-                self.online(index)
+                peer = self.peers[index]
+                if peer in self.snapshot:
+                    online = replace(self.snapshot.server(peer), state=ServerState.ONLINE)
+                    self.update(self.snapshot.with_server(online))
             elif kind == _CHECK:
                 self.check(now, index)
             else:
-                self.change(None, remove=self.peers[index])
-                if not any(k == _LEAVE for _, _, k, _ in self.events):
+                self.update(self.snapshot.without(self.peers[index]))
+                leaves_left -= 1
+                if leaves_left == 0:
                     after_leaves = self.measure()
-        assert after_joins is not None and after_leaves is not None
         return ChurnReport(
             scenario=sc,
             servers_left=len(self.snapshot),
@@ -178,17 +186,13 @@ class _Run:
         return self.snapshot.min_throughput(include_joining=True), self.snapshot.upper_bound()
 
     def join(self, now: float, index: int) -> None:
-        length, throughput = self.lengths[index], self.throughputs[index]
-        start, end = choose_span(self.snapshot, length, throughput)
-        info = ServerInfo(self.peers[index], start, end, throughput, ServerState.JOINING)
-        self.change(info)
+        start, end = choose_span(self.snapshot, self.lengths[index], self.throughputs[index])
+        info = ServerInfo(
+            self.peers[index], start, end, self.throughputs[index], ServerState.JOINING
+        )
+        self.update(self.snapshot.with_server(info))
         self.push(now + self.sc.load_s_per_block * (end - start), _ONLINE, index)
         self.push(next_check_at(now, self.rng, self.sc.settings), _CHECK, index)
-
-    def online(self, index: int) -> None:
-        peer = self.peers[index]
-        if peer in self.snapshot:
-            self.change(replace(self.snapshot.server(peer), state=ServerState.ONLINE))
 
     def check(self, now: float, index: int) -> None:
         peer = self.peers[index]
@@ -197,15 +201,17 @@ class _Run:
         self.checks += 1
         if self.plan is None or self.plan[0] != self.version:
             self.plan = (self.version, plan_rebalance(self.snapshot, self.sc.settings))
-        plan = self.plan[1]
-        decision = plan.decision_for(self.snapshot, peer)
-        if decision is not None:
+        move = self.plan[1].decision_for(self.snapshot, peer)
+        if move is not None:
             self.moves[index] += 1
-            info = self.snapshot.server(peer)
-            kept = max(0, min(info.end, decision.end) - max(info.start, decision.start))
-            self.change(
-                replace(info, start=decision.start, end=decision.end, state=ServerState.JOINING)
+            kept = max(0, min(move.from_end, move.end) - max(move.from_start, move.start))
+            info = replace(
+                self.snapshot.server(peer),
+                start=move.start,
+                end=move.end,
+                state=ServerState.JOINING,
             )
-            loaded = decision.end - decision.start - kept
+            self.update(self.snapshot.with_server(info))
+            loaded = move.end - move.start - kept
             self.push(now + self.sc.load_s_per_block * loaded, _ONLINE, index)
         self.push(next_check_at(now, self.rng, self.sc.settings), _CHECK, index)

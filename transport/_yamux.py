@@ -392,7 +392,7 @@ class YamuxSession:
         if self._failed:
             return
         view = data if type(data) is memoryview else memoryview(data)
-        if view.itemsize != 1:
+        if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
         end = len(view)
         pos = 0

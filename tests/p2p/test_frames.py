@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from p2p import LimitExceeded
 from p2p._frames import (
+    CallCancelled,
     CallOpened,
     ErrorFrame,
     FrameDecoder,
     FrameRejected,
     MessageFrame,
+    encode_cancel,
     encode_error,
     encode_message,
     encode_open,
@@ -148,3 +150,33 @@ def test_format_bytes() -> None:
     assert format_bytes(9 * MIB) == "9 MiB"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(12) == "12 bytes"
+
+
+def test_call_ids_name_the_call_of_each_frame() -> None:
+    wire = (
+        encode_message("q", 2, deadline_s=1.5, max_frame_bytes=LIMIT, call_id=7)
+        + b"pp"
+        + encode_error("x", "why", 7)
+        + encode_cancel(2**40)
+        + encode_error("y", "all")
+    )
+    events = FrameDecoder(LIMIT).feed(wire)
+    assert events[0] == MessageFrame("q", memoryview(b"pp"), 1.5, 7)
+    assert events[1:] == [ErrorFrame("x", "why", 7), CallCancelled(2**40), ErrorFrame("y", "all")]
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ({"v": 1, "i": -1}, "call id -1"),
+        ({"v": 1, "i": "7"}, "call id '7'"),
+        ({"v": 1, "i": True}, "call id True"),
+        ({"c": True}, "cancel frame without a call id"),
+        ({"o": True, "i": 1}, "opening a streaming call carries a call id"),
+    ],
+)
+def test_bad_call_ids_are_rejected(header: dict[str, Any], reason: str) -> None:
+    packed = msgpack.packb(header)
+    events = FrameDecoder(LIMIT).feed(encode_uvarint(len(packed)) + b"\x00" + packed)
+    assert len(events) == 1 and isinstance(events[0], FrameRejected)
+    assert reason in events[0].reason

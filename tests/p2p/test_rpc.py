@@ -25,7 +25,13 @@ from p2p import (
     RpcStream,
     RpcTimeout,
 )
-from p2p._frames import encode_message
+from p2p._frames import (
+    ErrorFrame,
+    FrameDecoder,
+    MessageFrame,
+    encode_cancel,
+    encode_message,
+)
 from tests.p2p.helpers import MakeHost, errors_logged, eventually
 from transport._limits import MIB
 from transport._varint import encode_uvarint
@@ -414,3 +420,106 @@ async def test_idle_pruning_spares_connections_with_calls(make_host: MakeHost) -
         reply = await call.recv()
         assert reply is not None and reply.value == 1
     await eventually(lambda: a.connections() == [])
+
+
+async def read_events(stream: Any, decoder: FrameDecoder, count: int) -> list[Any]:
+    events: list[Any] = []
+    while len(events) < count:
+        chunk = await stream.read()
+        if not chunk:
+            break
+        events += decoder.feed(chunk)
+    return events
+
+
+async def test_unary_calls_share_one_stream_matched_by_id(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    inbound: list[object] = []
+    release = asyncio.Event()
+
+    async def ordered(ctx: RpcContext, request: Any, payload: memoryview | None) -> Any:
+        inbound.append(ctx.deadline)
+        if request == 0:
+            await release.wait()
+        return request
+
+    b.add_rpc_handler("/ordered/1", ordered)
+    first = asyncio.create_task(a.rpc_call(b.peer_id, "/ordered/1", 0))
+    await eventually(lambda: len(inbound) == 1)
+    later = [await a.rpc_call(b.peer_id, "/ordered/1", n, timeout=5) for n in range(1, 4)]
+    assert [reply.value for reply in later] == [1, 2, 3]
+    release.set()
+    assert (await first).value == 0
+    assert all(deadline is not None for deadline in inbound)
+    assert len(a._rpc_client._call_streams) == 1
+
+
+async def test_cancel_frame_cancels_only_its_call(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    cancelled: list[Any] = []
+
+    async def maybe_hang(ctx: RpcContext, request: Any, payload: memoryview | None) -> Any:
+        if request == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(request)
+                raise
+        return request
+
+    b.add_rpc_handler("/maybe/1", maybe_hang)
+    stream, _ = await a.new_stream(b.peer_id, ["/maybe/1"])
+    decoder = FrameDecoder(MIB)
+    await stream.write(
+        encode_message("hang", None, deadline_s=30.0, max_frame_bytes=MIB, call_id=5)
+    )
+    await stream.write(
+        encode_message("quick", None, deadline_s=30.0, max_frame_bytes=MIB, call_id=6)
+    )
+    assert await read_events(stream, decoder, 1) == [MessageFrame("quick", None, None, 6)]
+    await stream.write(encode_cancel(5))
+    await eventually(lambda: cancelled == ["hang"])
+    await stream.write(
+        encode_message("again", None, deadline_s=None, max_frame_bytes=MIB, call_id=5)
+    )
+    assert await read_events(stream, decoder, 1) == [MessageFrame("again", None, None, 5)]
+    await stream.close_write()
+    assert await read_events(stream, decoder, 1) == []
+    await stream.close()
+
+
+async def test_bad_frame_on_a_call_stream_fails_only_that_stream(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hang(ctx: RpcContext, request: Any, payload: memoryview | None) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    b.add_rpc_handler("/hang/1", hang)
+    b.add_rpc_handler("/echo/1", echo)
+    stream, _ = await a.new_stream(b.peer_id, ["/hang/1"])
+    await stream.write(encode_message(None, None, deadline_s=None, max_frame_bytes=MIB, call_id=0))
+    await started.wait()
+    await stream.write(encode_message(None, None, deadline_s=None, max_frame_bytes=MIB, call_id=0))
+    events = await read_events(stream, FrameDecoder(MIB), 2)
+    assert len(events) == 1 and isinstance(events[0], ErrorFrame)
+    assert events[0].code == RpcCode.BAD_FRAME and events[0].call_id is None
+    assert "reused call id 0" in events[0].message
+    async with asyncio.timeout(2):
+        await cancelled.wait()
+    await stream.close()
+    assert (await a.rpc_call(b.peer_id, "/echo/1", "ok")).value["echo"] == "ok"
+
+
+async def test_a_refused_call_stream_is_replaced(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    with pytest.raises(ProtocolNotSupported):
+        await a.rpc_call(b.peer_id, "/late/1", 1)
+    b.add_rpc_handler("/late/1", echo)
+    assert (await a.rpc_call(b.peer_id, "/late/1", 2)).value["echo"] == 2

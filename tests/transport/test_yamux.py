@@ -170,10 +170,13 @@ def test_window_exhaustion_and_update() -> None:
     events = transfer(client, server, clock)
     assert received(events, sid) == payload[:SPEC_INITIAL_WINDOW]
     # Less than half the window read: no update yet.
-    server.consume(sid, 100 * KIB, clock.now)
+    assert server.consume(sid, 100 * KIB, clock.now) is False
+    assert not server.has_output
     assert out(server) == b""
-    server.consume(sid, 28 * KIB, clock.now)
+    assert server.consume(sid, 28 * KIB, clock.now) is True
+    assert server.has_output
     update = out(server)
+    assert not server.has_output
     assert update == encode_header(TYPE_WINDOW_UPDATE, 0, sid, 128 * KIB)
     client.feed(update, clock.now)
     assert client.pop_events() == [WindowUpdated(sid)]
