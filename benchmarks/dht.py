@@ -48,8 +48,6 @@ from transport import MemoryHub, MemoryTransport, Multiaddr, QuicTransport  # no
 
 HOUR = 3600.0
 CHURN = 0.3
-JOIN_BATCH = 8
-"""Nodes that join at the same time (after the bootstrap node)."""
 CHURN_BATCH = 20
 """Reads after churn run this many at a time: a request to a vanished QUIC peer waits
 for its timeout, and the success rate, not the latency, is measured there."""
@@ -111,17 +109,12 @@ async def swarm_network(kind: str, n: int, keys: int, readers: int, seed: int) -
             await host.start([Multiaddr.for_quic("127.0.0.1", 0)])
         return DHT(host, identity=identity, rng=random.Random(rng.getrandbits(64)))
 
-    async def join(node: DHT) -> None:
-        await node.start([nodes[0].host.addrs[0]])
-
     try:
         started = time.perf_counter()
-        nodes.append(await make())
-        await nodes[0].start()
-        while len(nodes) < n:
-            batch = [await make() for _ in range(min(JOIN_BATCH, n - len(nodes)))]
-            nodes.extend(batch)
-            await asyncio.gather(*(join(node) for node in batch))
+        for i in range(n):
+            node = await make()
+            nodes.append(node)
+            await node.start([nodes[0].host.addrs[0]] if i else [])
         run.join_s = time.perf_counter() - started
         expiry = time.time() + HOUR
         names = workload(rng, keys)
@@ -312,15 +305,15 @@ async def main() -> None:
         runs.append(run)
         print(table([run]).splitlines()[-1], file=sys.stderr, flush=True)
 
+    note(await kademlia_network(200, keys, readers, args.seed))
+    note(await swarm_network("quic", 200, keys, readers, args.seed))
+    note(await kademlia_network(1000, keys, readers, args.seed))
     note(await swarm_network("memory", 100, keys, readers, args.seed))
     for n in (1000, 2000):
         if args.quick:
             note(swarm_simulated(n, keys, readers, args.seed))
         else:
             note(await swarm_network("memory", n, keys, readers, args.seed))
-    note(await swarm_network("quic", 200, keys, readers, args.seed))
-    for n in (200, 1000):
-        note(await kademlia_network(n, keys, readers, args.seed))
     print(table(runs))
     print(json.dumps(report(runs)))
 

@@ -82,7 +82,6 @@ class Lookup:
         seeds: Iterable[Contact],
         limits: DhtLimits,
         *,
-        now: float,
         local: PeerId | None = None,
         find_value: bool = False,
         want: int = 1,
@@ -91,7 +90,6 @@ class Lookup:
         self.limits = limits
         self.find_value = find_value
         self.want = want
-        self.started = now
         self.queries_sent = 0
         self._local = local
         self._paths = [_Path() for _ in range(limits.disjoint_paths)]
@@ -163,9 +161,7 @@ class Lookup:
             return None
         return candidate
 
-    def on_reply(
-        self, peer: PeerId, contacts: Iterable[Contact], now: float, *, found: bool = False
-    ) -> None:
+    def on_reply(self, peer: PeerId, contacts: Iterable[Contact], *, found: bool = False) -> None:
         """``peer`` answered with ``contacts`` (and, for FIND_VALUE, whether it had the value)."""
         candidate = self._awaited(peer)
         if candidate is None:
@@ -180,7 +176,7 @@ class Lookup:
             if self._admit(contact):
                 self._add(candidate.path, contact, candidate.hops + 1)
 
-    def on_failure(self, peer: PeerId, now: float) -> None:
+    def on_failure(self, peer: PeerId) -> None:
         """The request to ``peer`` failed (error, refusal or timeout)."""
         candidate = self._awaited(peer)
         if candidate is not None:

@@ -298,7 +298,6 @@ class DHT:
             target,
             table.closest(target, self.limits.k),
             self.limits,
-            now=loop.time(),
             local=self.peer_id,
             find_value=key is not None,
             want=want,
@@ -318,16 +317,15 @@ class DHT:
                 done, _ = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                now = loop.time()
                 for task in done:
                     peer = pending.pop(task).peer_id
                     reply = task.result()
                     if reply is None or reply.refused is not RefusalCode.OK:
-                        lookup.on_failure(peer, now)
+                        lookup.on_failure(peer)
                         continue
                     valid = self._core.store.valid(reply.entries, self._clock())
                     found.extend(valid)
-                    lookup.on_reply(peer, reply.peers, now, found=bool(valid))
+                    lookup.on_reply(peer, reply.peers, found=bool(valid))
                 lookup.handle_timer(loop.time())
             finished = True
         finally:

@@ -132,7 +132,6 @@ class SimNetwork:
             target,
             core.table.closest(target, self.limits.k),
             self.limits,
-            now=self.now,
             local=src,
             find_value=key is not None,
         )
@@ -145,13 +144,13 @@ class SimNetwork:
             for contact in queries:
                 reply = self.call(src, contact, request)
                 if reply is None or reply.refused is not RefusalCode.OK:
-                    lookup.on_failure(contact.peer_id, self.now)
+                    lookup.on_failure(contact.peer_id)
                     core.table.failed(contact.peer_id)
                     continue
                 self._seen(src, contact)
                 valid = core.store.valid(reply.entries, self.now)
                 found.extend(valid)
-                lookup.on_reply(contact.peer_id, reply.peers, self.now, found=bool(valid))
+                lookup.on_reply(contact.peer_id, reply.peers, found=bool(valid))
         core.table.touch(target, self.now)
         merged = tuple(self.validators.merge(found))
         return SimResult(merged, lookup.hops, lookup.queries_sent, lookup)

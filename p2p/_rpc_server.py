@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 from security import PeerId
@@ -444,11 +445,19 @@ class RpcServer:
         if refusal is not None:
             await carrier.send(encode_error(RpcCode.OVERLOADED, refusal, call_id), None)
             return None
+        carrier.record.stream_opened()
         served = carrier.calls[call_id] = _Served()
         served.task = asyncio.get_running_loop().create_task(
             self._run_call(carrier, handler, event, call_id, served)
         )
+        served.task.add_done_callback(partial(self._call_done, carrier, call_id))
         return None
+
+    def _call_done(self, carrier: _Carrier, call_id: int, task: asyncio.Task[None]) -> None:
+        """Release what a call held, whether or not its task ever ran."""
+        del carrier.calls[call_id]
+        self._leave(carrier.record.peer)
+        carrier.record.stream_closed(asyncio.get_running_loop().time())
 
     async def _run_call(
         self,
@@ -460,9 +469,7 @@ class RpcServer:
     ) -> None:
         """Run one multiplexed call's handler and answer it by id."""
         loop = asyncio.get_running_loop()
-        record, protocol = carrier.record, carrier.protocol
-        peer = record.peer
-        record.stream_opened()
+        protocol, peer = carrier.protocol, carrier.record.peer
         deadline = None if request.deadline_s is None else loop.time() + request.deadline_s
         timer = None if deadline is None else loop.call_at(deadline, served.cancel, True)
         try:
@@ -491,10 +498,6 @@ class RpcServer:
         except TransportError as exc:
             _log.debug("%s call from %s ended: %r", protocol, peer, exc)
             carrier.stream.reset()
-        finally:
-            del carrier.calls[call_id]
-            self._leave(peer)
-            record.stream_closed(loop.time())
 
     def _encode_reply(
         self, result: Any, protocol: str, peer: PeerId, call_id: int | None

@@ -8,13 +8,14 @@ Every server checks now and then (``next_check_at``: a jittered period) and asks
    (lowest index on ties) and tries, per server not on it, two windows of that server's
    length holding it: the smallest shift of its span (fewest blocks to reload) and the
    neediest window (least total throughput). A move qualifies if every block it drops
-   keeps another server (joining servers count: they will serve) and stays above a
-   floor: the goal ``quality_threshold * minimum now`` while some block is under it,
-   then the current minimum. Among qualifying moves (those of the
-   ``SchedulerSettings.plan_candidates`` fastest servers that have one), the step takes
-   the one that leaves the highest swarm minimum, then lifts its blocks the most, then
-   changes fewer blocks, then moves the slower server, then the lower peer id. The plan
-   stops when no move qualifies, or after ``max_plan_moves`` moves.
+   keeps more than a floor: the goal ``quality_threshold * minimum now`` while some
+   block is under it, then the current minimum; so a dropped block always keeps
+   another server with throughput (joining servers count: they will serve). Among
+   qualifying moves (those of the ``SchedulerSettings.plan_candidates`` fastest servers
+   that have one), the step takes the one that leaves the highest swarm minimum, then
+   lifts its blocks the most, then changes fewer blocks, then moves the slower server,
+   then the lower peer id. The plan stops when no move qualifies, or after
+   ``max_plan_moves`` moves.
 2. The plan is carried out only if it raises the minimum per-block throughput (online
    and joining servers) by more than ``quality_threshold`` (1.05x by default), or covers
    a block nobody serves. A swarm whose ``SwarmSnapshot.upper_bound`` is within the
@@ -27,14 +28,14 @@ Every server checks now and then (``next_check_at``: a jittered period) and asks
    others are still loading theirs (it waits for the next check).
 
 Herds (several servers jumping into the same gap) are avoided by deterministic
-priority: every server runs the same plan on the same announcements (the snapshot's
-canonical order makes the sums bit-identical), so a gap that one server fills is given
-to exactly that server, and the plan's later moves already count on it. A server that
-moved announces itself as joining while it loads, which counts for placement, so later
-checks, plans and joins see the gap as filled; a joining server is never picked to move
-before it is online. Servers whose views differ (announcements still in flight) may
-disagree; the jitter of the checks spreads them out in time so that one's move reaches
-the others' view before they check again.
+priority: every server runs the same plan on the same announcements (sums are exact
+integers of throughput steps, the same in any order), so a gap that one server fills is
+given to exactly that server, and the plan's later moves already count on it. A server
+that moved announces itself as joining while it loads, which counts for placement, so
+later checks, plans and joins see the gap as filled; a joining server is never picked
+to move before it is online. Servers whose views differ (announcements still in flight)
+may disagree; the jitter of the checks spreads them out in time so that one's move
+reaches the others' view before they check again.
 
 A move returns the new span; the caller reloads only the blocks that change.
 """
@@ -55,7 +56,6 @@ from ._model import (
     ServerState,
     SwarmSnapshot,
     capacity_units,
-    coverage,
     is_active,
     to_units,
 )
@@ -126,7 +126,6 @@ def plan_rebalance(
     n = snapshot.num_blocks
     active = [s for s in snapshot.servers if is_active(s)]
     caps = capacity_units(n, active)
-    counts = coverage(n, active)
     before = min(caps)
     bound = snapshot.upper_bound()
     idle = RebalancePlan((), before / THROUGHPUT_UNITS, before / THROUGHPUT_UNITS, bound)
@@ -144,7 +143,6 @@ def plan_rebalance(
         low = min(caps)
         step = _best_move(
             caps,
-            counts,
             movers,
             goal if low < goal else low,
             goal if low < goal else cap,
@@ -156,10 +154,8 @@ def plan_rebalance(
         mover = movers.pop(index)
         for block in range(mover.start, mover.start + mover.length):
             caps[block] -= mover.throughput
-            counts[block] -= 1
         for block in range(target, target + mover.length):
             caps[block] += mover.throughput
-            counts[block] += 1
         planned.append((mover, target))
     after = min(caps)
     if not _worth(after, before, settings.quality_threshold):
@@ -225,7 +221,6 @@ class _Mover(NamedTuple):
 
 def _best_move(
     caps: list[int],
-    counts: list[int],
     movers: list[_Mover],
     floor: float,
     cap: float,
@@ -246,7 +241,7 @@ def _best_move(
     first = bisect.bisect_right(movers, floor - max(caps), key=lambda m: m.neg_throughput)
     if first == len(movers):
         return None
-    step = _Step(caps, counts, floor + movers[-1].throughput)
+    step = _Step(caps, floor + movers[-1].throughput)
     options: dict[tuple[int, int], tuple[tuple[int, int, int, int], ...]] = {}
     best: tuple[int, int] | None = None
     best_key: tuple[float, float, int, int, int] = (low, low, 0, 0, 0)
@@ -272,9 +267,8 @@ def _best_move(
 class _Step:
     """The per-block figures one greedy step reads, and the moves open to a span."""
 
-    def __init__(self, caps: list[int], counts: list[int], blocked_at: float) -> None:
+    def __init__(self, caps: list[int], blocked_at: float) -> None:
         self.caps = caps
-        self.counts = counts
         self.low = min(caps)
         self.weakest = caps.index(self.low)
         # A block at or under ``floor + t`` of the slowest mover can be dropped by no one.
@@ -302,8 +296,6 @@ class _Step:
             else:
                 lose_lo, lose_hi = max(start, target + length), end
             if self.blocked[lose_hi] != self.blocked[lose_lo]:
-                continue
-            if min(self.counts[lose_lo:lose_hi]) < 2:
                 continue
             if target > start:
                 gain_lo, gain_hi = max(target, end), target + length

@@ -19,7 +19,7 @@ class SchedulerSettings:
     """A rebalance happens only if it would raise the swarm's minimum per-block
     throughput by more than this factor (1.05: by more than 5%). A swarm thus settles
     within this factor of what rebalancing could reach: keep it well under the quality
-    you want (the placement benchmark's swarms end within 6% of their upper bound)."""
+    you want (docs/benchmarks.md, "Placement")."""
     max_plan_moves: int = 256
     """Most servers one rebalancing plan moves; a longer plan waits for the next round."""
     plan_candidates: int = 32

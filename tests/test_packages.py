@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ("security", "transport", "p2p", "dht")
+CORE = ("security", "transport", "p2p", "dht", "scheduler")
 
 
 @pytest.mark.parametrize("name", CORE)

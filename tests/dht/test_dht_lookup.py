@@ -31,15 +31,12 @@ class StaticNetwork:
         return nearest(others, target, self.k)
 
 
-def drive(lookup: Lookup, network: StaticNetwork, now: float = 0.0) -> int:
-    rounds = 0
+def drive(lookup: Lookup, network: StaticNetwork) -> None:
     while not lookup.done:
-        queries = lookup.next_queries(now)
+        queries = lookup.next_queries(0.0)
         assert queries, "a lookup that is not done must have someone to ask"
-        rounds += 1
         for c in queries:
-            lookup.on_reply(c.peer_id, network.answer(c.peer_id, lookup.target), now)
-    return rounds
+            lookup.on_reply(c.peer_id, network.answer(c.peer_id, lookup.target))
 
 
 def test_converges_on_the_true_k_nearest(rng: random.Random) -> None:
@@ -47,7 +44,7 @@ def test_converges_on_the_true_k_nearest(rng: random.Random) -> None:
     for _ in range(20):
         target = rng.getrandbits(256)
         seeds = rng.sample(network.contacts, 3)
-        lookup = Lookup(target, seeds, LIMITS, now=0.0)
+        lookup = Lookup(target, seeds, LIMITS)
         drive(lookup, network)
         assert lookup.closest() == nearest(network.contacts, target, LIMITS.k)
         assert lookup.hops >= 1
@@ -55,18 +52,18 @@ def test_converges_on_the_true_k_nearest(rng: random.Random) -> None:
 
 def test_never_more_than_alpha_in_flight(rng: random.Random) -> None:
     seeds = [contact(rng) for _ in range(10)]
-    lookup = Lookup(1, seeds, LIMITS, now=0.0)
+    lookup = Lookup(1, seeds, LIMITS)
     first = lookup.next_queries(0.0)
     assert len(first) == 2
     assert lookup.next_queries(0.0) == []
-    lookup.on_failure(first[0].peer_id, 0.1)
+    lookup.on_failure(first[0].peer_id)
     assert len(lookup.next_queries(0.1)) == 1
     assert lookup.queries_sent == 3
 
 
 def test_stalled_requests_free_their_slot_and_late_replies_count(rng: random.Random) -> None:
     seeds = [contact(rng) for _ in range(6)]
-    lookup = Lookup(7, seeds, LIMITS, now=0.0)
+    lookup = Lookup(7, seeds, LIMITS)
     first = lookup.next_queries(0.0)
     assert lookup.next_deadline() == 1.0
     lookup.handle_timer(0.5)
@@ -75,7 +72,7 @@ def test_stalled_requests_free_their_slot_and_late_replies_count(rng: random.Ran
     second = lookup.next_queries(1.0)
     assert len(second) == 2 and not set(second) & set(first)
     assert set(lookup.pending()) == {c.peer_id for c in first + second}
-    lookup.on_reply(first[0].peer_id, [], 1.2)
+    lookup.on_reply(first[0].peer_id, [])
     assert first[0] in lookup.closest()
 
 
@@ -83,34 +80,34 @@ def test_failed_peers_are_left_out_and_replaced(rng: random.Random) -> None:
     network = StaticNetwork(rng, 60, 3 * LIMITS.k)
     dead = {c.peer_id for c in rng.sample(network.contacts, 20)}
     target = rng.getrandbits(256)
-    lookup = Lookup(target, network.contacts[:5], LIMITS, now=0.0)
+    lookup = Lookup(target, network.contacts[:5], LIMITS)
     while not lookup.done:
         for c in lookup.next_queries(0.0):
             if c.peer_id in dead:
-                lookup.on_failure(c.peer_id, 0.0)
+                lookup.on_failure(c.peer_id)
             else:
-                lookup.on_reply(c.peer_id, network.answer(c.peer_id, target), 0.0)
+                lookup.on_reply(c.peer_id, network.answer(c.peer_id, target))
     alive = [c for c in network.contacts if c.peer_id not in dead]
     assert lookup.closest() == nearest(alive, target, LIMITS.k)
 
 
 def test_empty_seeds_end_at_once() -> None:
-    lookup = Lookup(5, [], LIMITS, now=0.0)
+    lookup = Lookup(5, [], LIMITS)
     assert lookup.done and lookup.closest() == [] and lookup.hops == 0
 
 
 def test_value_lookup_starts_narrow_widens_then_stops_once_found(rng: random.Random) -> None:
     seeds = [contact(rng) for _ in range(8)]
-    lookup = Lookup(3, seeds, LIMITS, now=0.0, find_value=True)
+    lookup = Lookup(3, seeds, LIMITS, find_value=True)
     (first,) = lookup.next_queries(0.0)
     assert first == nearest(seeds, 3, 1)[0]
     assert lookup.next_queries(0.0) == []
-    lookup.on_reply(first.peer_id, [], 0.1)
+    lookup.on_reply(first.peer_id, [])
     a, b = lookup.next_queries(0.1)
-    lookup.on_reply(a.peer_id, [], 0.2, found=True)
+    lookup.on_reply(a.peer_id, [], found=True)
     assert lookup.found and not lookup.done
     assert lookup.next_queries(0.2) == []
-    lookup.on_reply(b.peer_id, [], 0.3)
+    lookup.on_reply(b.peer_id, [])
     assert lookup.done
     assert lookup.holders() == [a]
     assert lookup.cache_target() == first
@@ -118,27 +115,27 @@ def test_value_lookup_starts_narrow_widens_then_stops_once_found(rng: random.Ran
 
 
 def test_value_lookup_found_by_the_first_probe_costs_one_request(rng: random.Random) -> None:
-    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, now=0.0, find_value=True)
+    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, find_value=True)
     (first,) = lookup.next_queries(0.0)
-    lookup.on_reply(first.peer_id, [], 0.1, found=True)
+    lookup.on_reply(first.peer_id, [], found=True)
     assert lookup.done and lookup.queries_sent == 1 and lookup.hops == 1
     assert lookup.cache_target() is None
 
 
 def test_value_lookup_wanting_several_holders_asks_them_at_once(rng: random.Random) -> None:
-    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, now=0.0, find_value=True, want=2)
+    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, find_value=True, want=2)
     a, b = lookup.next_queries(0.0)
-    lookup.on_reply(a.peer_id, [], 0.1, found=True)
+    lookup.on_reply(a.peer_id, [], found=True)
     assert not lookup.found
     (c,) = lookup.next_queries(0.1)
-    lookup.on_failure(b.peer_id, 0.2)
-    lookup.on_reply(c.peer_id, [], 0.3, found=True)
+    lookup.on_failure(b.peer_id)
+    lookup.on_reply(c.peer_id, [], found=True)
     assert lookup.found and lookup.done
     assert set(lookup.holders()) == {a, c}
 
 
 def test_a_stalled_probe_widens_the_lookup(rng: random.Random) -> None:
-    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, now=0.0, find_value=True)
+    lookup = Lookup(3, [contact(rng) for _ in range(8)], LIMITS, find_value=True)
     assert len(lookup.next_queries(0.0)) == 1
     lookup.handle_timer(1.0)
     assert len(lookup.next_queries(1.0)) == 2
@@ -149,10 +146,10 @@ def test_lookup_results_respect_the_ip_group_cap(rng: random.Random) -> None:
     sybils = [contact(rng, f"203.0.113.{i}") for i in range(1, 40)]
     honest = [contact(rng, f"198.51.{i}.7") for i in range(40)]
     target = rng.getrandbits(256)
-    lookup = Lookup(target, [*sybils[:5], *honest[:5]], limits, now=0.0)
+    lookup = Lookup(target, [*sybils[:5], *honest[:5]], limits)
     while not lookup.done:
         for c in lookup.next_queries(0.0):
-            lookup.on_reply(c.peer_id, nearest(sybils + honest, target, 8), 0.0)
+            lookup.on_reply(c.peer_id, nearest(sybils + honest, target, 8))
     result = lookup.closest()
     assert sum(1 for c in result if c.ip and c.ip.startswith("203.0.113.")) <= 2
     assert len(result) == 8
@@ -162,13 +159,13 @@ def test_disjoint_paths_never_share_a_peer(rng: random.Random) -> None:
     limits = DhtLimits(k=6, alpha=2, disjoint_paths=3)
     network = StaticNetwork(rng, 200, 6)
     target = rng.getrandbits(256)
-    lookup = Lookup(target, rng.sample(network.contacts, 12), limits, now=0.0)
+    lookup = Lookup(target, rng.sample(network.contacts, 12), limits)
     queried_by_path: dict[int, set[PeerId]] = {}
     while not lookup.done:
         for c in lookup.next_queries(0.0):
             path = lookup._candidates[c.peer_id].path
             queried_by_path.setdefault(path, set()).add(c.peer_id)
-            lookup.on_reply(c.peer_id, network.answer(c.peer_id, target), 0.0)
+            lookup.on_reply(c.peer_id, network.answer(c.peer_id, target))
     paths = list(queried_by_path.values())
     assert len(paths) == 3
     for i, one in enumerate(paths):

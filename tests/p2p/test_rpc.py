@@ -515,6 +515,7 @@ async def test_bad_frame_on_a_call_stream_fails_only_that_stream(pair: tuple[Hos
         await cancelled.wait()
     await stream.close()
     assert (await a.rpc_call(b.peer_id, "/echo/1", "ok")).value["echo"] == "ok"
+    await eventually(lambda: not b._rpc_server._active)
 
 
 async def test_a_refused_call_stream_is_replaced(pair: tuple[Host, Host]) -> None:
