@@ -18,6 +18,13 @@ that figures compare with other systems measured the same way:
 * medium: hidden 1024, intermediate 2816, 16 layers, 16 heads (compute dominates:
   ``tokens_per_s_ratio``, swarm / local).
 
+Swarm and local runs alternate, so each swarm run is paired with the local run after it:
+the ratio and the overhead are medians of the pairs' figures (the machine is shared, and
+its load drifts between pairs more than within one). ``overhead_cpu_ms_per_token_per_hop``
+is the same difference in CPU time (this process plus the three servers, against this
+process alone), which the load does not inflate: it is the work a hop adds, where the
+wall-clock figure adds the time spent waiting for a core.
+
 Memory: a server of a quarter of the blocks of a 24-layer model (the small shape with 24
 layers) must peak at no more than a quarter of the full model's weight bytes plus a fixed
 overhead. Its peak resident memory once online (``VmHWM``: the process's own ``ru_maxrss``)
@@ -142,10 +149,31 @@ def join_args(
     ]
 
 
-def timed(fn: Any) -> tuple[float, Any]:
+@dataclass(frozen=True)
+class Run:
+    """One timed generation: wall seconds and CPU seconds of every process involved."""
+
+    wall_s: float
+    cpu_s: float
+    ids: torch.Tensor
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Any, pids: list[int]) -> Run:
+    """Run ``fn``; its wall time, and the CPU time of this process and of ``pids``."""
+    before = [process_cpu_s(pid) for pid in pids]
+    cpu = time.process_time()
     started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
+    ids = fn()
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    cpu += sum(process_cpu_s(pid) - b for pid, b in zip(pids, before, strict=True))
+    return Run(wall, cpu, ids)
 
 
 def bench_shape(shape: Shape, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
@@ -182,30 +210,36 @@ def bench_shape(shape: Shape, args: argparse.Namespace, logs: Path) -> dict[str,
         ):
             remote.generate(prompt, do_sample=False, max_new_tokens=8)
             local.generate(prompt, do_sample=False, max_new_tokens=8)
-            swarm_times, local_times = [], []
-            identical = True
+            pids = [node.popen.pid for node in servers]
+            runs: list[tuple[Run, Run]] = []
             for repeat in range(args.repeats):
-                seconds, swarm_ids = timed(lambda: remote.generate(prompt, **options))
-                swarm_times.append(seconds)
-                seconds, local_ids = timed(lambda: local.generate(prompt, **options))
-                local_times.append(seconds)
-                identical = identical and torch.equal(swarm_ids, local_ids)
+                swarm = timed(lambda: remote.generate(prompt, **options), pids)
+                local_run = timed(lambda: local.generate(prompt, **options), [])
+                runs.append((swarm, local_run))
                 log(
-                    f"{shape.name} run {repeat + 1}/{args.repeats}: swarm {swarm_times[-1]:.3f}s, "
-                    f"local {local_times[-1]:.3f}s"
+                    f"{shape.name} run {repeat + 1}/{args.repeats}: swarm {swarm.wall_s:.3f}s "
+                    f"({swarm.cpu_s:.3f} CPU-s), local {local_run.wall_s:.3f}s "
+                    f"({local_run.cpu_s:.3f} CPU-s)"
                 )
     finally:
         stop_all(nodes)
-    swarm_s, local_s = statistics.median(swarm_times), statistics.median(local_times)
+    per_hop = 1000 / NEW_TOKENS / SERVERS
+    swarm_s = statistics.median(sw.wall_s for sw, _ in runs)
+    local_s = statistics.median(lo.wall_s for _, lo in runs)
     return {
         "shape": shape.name,
         "swarm_tokens_per_s": NEW_TOKENS / swarm_s,
         "local_tokens_per_s": NEW_TOKENS / local_s,
-        "tokens_per_s_ratio": local_s / swarm_s,
+        "tokens_per_s_ratio": statistics.median(lo.wall_s / sw.wall_s for sw, lo in runs),
         "swarm_ms_per_token": 1000 * swarm_s / NEW_TOKENS,
         "local_ms_per_token": 1000 * local_s / NEW_TOKENS,
-        "overhead_ms_per_token_per_hop": 1000 * (swarm_s - local_s) / NEW_TOKENS / SERVERS,
-        "identical": identical,
+        "overhead_ms_per_token_per_hop": statistics.median(
+            (sw.wall_s - lo.wall_s) * per_hop for sw, lo in runs
+        ),
+        "overhead_cpu_ms_per_token_per_hop": statistics.median(
+            (sw.cpu_s - lo.cpu_s) * per_hop for sw, lo in runs
+        ),
+        "identical": all(torch.equal(sw.ids, lo.ids) for sw, lo in runs),
     }
 
 
@@ -306,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     header = (
         f"{'shape':<8} {'swarm tok/s':>11} {'local tok/s':>11} {'ratio':>6} "
-        f"{'ms/token/hop':>12} identical"
+        f"{'ms/token/hop':>12} {'CPU ms/token/hop':>16} identical"
     )
     print(header)
     print("-" * len(header))
@@ -314,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['shape']:<8} {r['swarm_tokens_per_s']:>11.1f} {r['local_tokens_per_s']:>11.1f} "
             f"{r['tokens_per_s_ratio']:>6.2f} {r['overhead_ms_per_token_per_hop']:>12.2f} "
+            f"{r['overhead_cpu_ms_per_token_per_hop']:>16.2f} "
             f"{'yes' if r['identical'] else 'NO'}"
         )
         for key, value in r.items():
@@ -325,9 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if "medium" in by_shape:
         summary["tokens_per_s_ratio"] = round(by_shape["medium"]["tokens_per_s_ratio"], 4)
     if "small" in by_shape:
-        summary["overhead_ms_per_token_per_hop"] = round(
-            by_shape["small"]["overhead_ms_per_token_per_hop"], 4
-        )
+        for key in ("overhead_ms_per_token_per_hop", "overhead_cpu_ms_per_token_per_hop"):
+            summary[key] = round(by_shape["small"][key], 4)
     if not args.skip_memory:
         memory = bench_memory(args, logs)
         print()

@@ -7,7 +7,9 @@ and the session ends with the call (or after ``ServerLimits.session_idle_timeout
 silence). Stateless forward and backward are unary calls.
 
 Torch runs in one worker thread per server, one call at a time, so the event loop keeps
-moving bytes for every other session meanwhile. A bad request is answered with its typed
+moving bytes for every other session meanwhile; only a step expected to take less than
+``ServerLimits.inline_step_s`` (a generated token, typically) runs on the event loop itself,
+sparing two thread hand-offs per token. A bad request is answered with its typed
 error (``_server_errors``) and touches nothing else: the session that sent a bad step
 lives on, and other sessions never notice.
 """
@@ -337,7 +339,12 @@ class ShardServer:
             sizes, data = pack_tensors([output], compression)
             return sizes, data, session.position
 
-        sizes, data, position = await self._compute(run)
+        blocks = session.span.end - session.span.start
+        expected_s = hidden.shape[0] * hidden.shape[1] * blocks / max(self.throughput, 1e-9)
+        if expected_s <= self.limits.inline_step_s:
+            sizes, data, position = run()
+        else:
+            sizes, data, position = await self._compute(run)
         return RpcReply({"op": "out", "position": position, "tensors": sizes}, data)
 
 

@@ -19,6 +19,10 @@ class ServerLimits:
     cache: CacheLimits = field(default_factory=CacheLimits)
     session_idle_timeout_s: float = 300.0
     """An inference session that sends nothing for this long is closed (``SessionTimeout``)."""
+    inline_step_s: float = 0.005
+    """An inference step expected (from the measured throughput) to take at most this long
+    runs on the event loop itself rather than on the compute thread: two thread hand-offs
+    fewer per generated token, at the price of holding the loop that long."""
     max_spans: int = 64
     """Distinct sub-spans kept ready to run (a client may use part of the server's span)."""
     announce_interval_s: float = 30.0

@@ -639,7 +639,7 @@ class Host:
         *,
         timeout: float | None = None,
     ) -> RpcReply:
-        """Call ``protocol_id`` on ``peer``: one stream, one round trip.
+        """Call ``protocol_id`` on ``peer``: one round trip over the shared call stream kept per peer and protocol.
 
         ``timeout`` (default ``RpcLimits.default_timeout_s``) travels to the server,
         which gives up too. Raises ``RemoteError`` for the handler's error,

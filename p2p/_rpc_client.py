@@ -2,7 +2,8 @@
 
 Unary calls to one peer and protocol share one long-lived stream (``_CallStream``):
 each request frame carries a call id and the seconds left until its deadline, replies
-come back by id to the futures of their callers, read by one task per stream, and a
+come back by id to their callers, read by one waiting caller at a time (no reader
+task, so the caller that reads its own reply wakes with it), and a
 caller that gives up sends a cancel frame, which cancels the remote handler. A call
 then costs one frame each way, with no stream to open or close. The first request
 carries the lazy negotiation; a refusal, a bad frame or a stream-wide error frame fails

@@ -60,7 +60,9 @@ class Served:
         return {**request, **changes}
 
 
-async def serve(tm: TinyModel, limits: ServerLimits) -> tuple[Host, Host, ShardServer, Span, str]:
+async def serve(
+    tm: TinyModel, limits: ServerLimits, throughput: float
+) -> tuple[Host, Host, ShardServer, Span, str]:
     checkpoint = Checkpoint.open(tm.path)
     manifest = load_manifest(checkpoint)
     span = load_span(checkpoint, 0, tm.num_blocks, manifest=manifest)
@@ -70,7 +72,7 @@ async def serve(tm: TinyModel, limits: ServerLimits) -> tuple[Host, Host, ShardS
     client = Host(client_key, [TcpTransport(client_key)])
     await client.start([])
     await client.connect(host.addrs[0])
-    server = ShardServer(host, span, manifest, throughput=100.0, limits=limits)
+    server = ShardServer(host, span, manifest, throughput=throughput, limits=limits)
     server.start()
     return host, client, server, span, manifest.model_id
 
@@ -81,8 +83,10 @@ async def make_served(
 ) -> AsyncIterator[Callable[..., Any]]:
     stops: list[tuple[ShardServer, Host, Host]] = []
 
-    async def make(limits: ServerLimits | None = None) -> Served:
-        host, client, server, span, model_id = await serve(tiny("llama"), limits or ServerLimits())
+    async def make(limits: ServerLimits | None = None, throughput: float = 100.0) -> Served:
+        host, client, server, span, model_id = await serve(
+            tiny("llama"), limits or ServerLimits(), throughput
+        )
         stops.append((server, host, client))
         return Served(server, client, span, model_id)
 
@@ -121,8 +125,11 @@ async def open_session(served: Served, **changes: Any) -> RpcStream:
     return call
 
 
-async def test_session_steps_equal_a_local_span_and_rollback_works(make_served: Any) -> None:
-    served = await make_served()
+@pytest.mark.parametrize("throughput", [100.0, 1e9], ids=["compute-thread", "inline"])
+async def test_session_steps_equal_a_local_span_and_rollback_works(
+    make_served: Any, throughput: float
+) -> None:
+    served = await make_served(throughput=throughput)
     hidden = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(3))
     with served.span.open_session(CachePool(), batch_size=1, max_length=16) as local:
         expected = [local.step(hidden[:, :4]), local.step(hidden[:, 4:5])]
