@@ -33,6 +33,9 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+demo: $(STAMP)
+	$(PY) -m swarm demo
+
 bench: $(STAMP)
 	for b in transport dht placement generate; do $(PY) benchmarks/$$b.py --quick || exit 1; done
 

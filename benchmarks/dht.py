@@ -1,9 +1,10 @@
 """DHT benchmark: Swarm's Kademlia against bmuller's ``kademlia`` package, in one run.
 
 Each network grows from a single bootstrap node; random nodes store keys; sampled
-nodes read every key (a first, unmeasured pass warms the connections, the second is
-measured); then 30 % of the nodes vanish without a goodbye and the survivors read
-again. Networks:
+nodes read every key twice: the first read gives hops and messages (the reader's table
+has not met the key's holders yet) and opens connections, the second is timed with
+the connections warm. Then 30 % of the nodes vanish without a goodbye and the
+survivors read again. Networks:
 
 - Swarm, real ``p2p.Host``s on the in-process memory transport: N = 100 (and, without
   ``--quick``, 1,000 and 2,000);
@@ -43,7 +44,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 from dht import DHT, Record, SimNetwork  # noqa: E402
 from dht._records import Entry  # noqa: E402
 from p2p import Host  # noqa: E402
-from security import KeyPair  # noqa: E402
+from security import KeyPair, PeerId  # noqa: E402
 from transport import MemoryHub, MemoryTransport, Multiaddr, QuicTransport  # noqa: E402
 
 HOUR = 3600.0
@@ -63,6 +64,7 @@ class Run:
     join_s: float = 0.0
     gets: int = 0
     success: float = 0.0
+    """Found / reads over both passes (a running count until the timed pass ends)."""
     churn_success: float | None = None
     hops: list[int] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
@@ -90,164 +92,262 @@ def workload(rng: random.Random, keys: int) -> list[bytes]:
     return [b"bench-key-%d-%d" % (i, rng.getrandbits(32)) for i in range(keys)]
 
 
-# -- Swarm on real Hosts -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One get: whether it found the value, its hops and the requests it cost."""
+
+    ok: bool
+    hops: int
+    messages: int
 
 
-async def swarm_network(kind: str, n: int, keys: int, readers: int, seed: int) -> Run:
-    rng = random.Random(seed)
-    hub = MemoryHub()
-    nodes: list[DHT] = []
-    run = Run("swarm", kind, n)
+class Network:
+    """What every benchmarked network offers; readers are indices of live nodes."""
 
-    async def make() -> DHT:
+    run: Run
+
+    async def build(self) -> None: ...
+
+    async def store(self, name: bytes) -> None: ...
+
+    async def read(self, name: bytes, reader: int) -> Read: ...
+
+    def readers(self) -> list[int]: ...
+
+    async def churn(self, rng: random.Random) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SwarmNetwork(Network):
+    """Swarm DHT nodes on real Hosts (memory transport or QUIC over 127.0.0.1)."""
+
+    def __init__(self, kind: str, n: int, seed: int) -> None:
+        self.run = Run("swarm", kind, n)
+        self.kind = kind
+        self.n = n
+        self.rng = random.Random(seed)
+        self.hub = MemoryHub()
+        self.nodes: list[DHT] = []
+        self.dead: set[int] = set()
+        self.expiry = time.time() + HOUR
+
+    async def _make(self) -> DHT:
         identity = KeyPair.generate()
-        if kind == "memory":
-            host = Host(identity, [MemoryTransport(identity, hub=hub)])
+        if self.kind == "memory":
+            host = Host(identity, [MemoryTransport(identity, hub=self.hub)])
             await host.start([Multiaddr.for_memory("0")])
         else:
             host = Host(identity, [QuicTransport(identity)])
             await host.start([Multiaddr.for_quic("127.0.0.1", 0)])
-        return DHT(host, identity=identity, rng=random.Random(rng.getrandbits(64)))
+        return DHT(host, identity=identity, rng=random.Random(self.rng.getrandbits(64)))
 
-    try:
-        started = time.perf_counter()
-        for i in range(n):
-            node = await make()
-            nodes.append(node)
-            await node.start([nodes[0].host.addrs[0]] if i else [])
-        run.join_s = time.perf_counter() - started
-        expiry = time.time() + HOUR
-        names = workload(rng, keys)
-        for name in names:
-            await rng.choice(nodes).store(name, b"value:" + name, expiry)
-        pairs = [(name, reader) for name in names for reader in rng.sample(nodes, readers)]
-        for name, reader in pairs:
-            await reader.get(name)
-        found = 0
-        for name, reader in pairs:
-            begin = time.perf_counter()
-            answer = await reader.get(name)
-            run.latency_ms.append((time.perf_counter() - begin) * 1000)
-            found += answer == Record(b"value:" + name, expiry)
-            run.hops.append(reader.last_lookup.hops)
-            run.messages.append(reader.last_lookup.messages)
-        run.gets = len(pairs)
-        run.success = found / len(pairs)
-        dead = set(rng.sample(range(n), int(CHURN * n)))
-        for index in dead:
-            await nodes[index].host.stop()
-        alive = [node for i, node in enumerate(nodes) if i not in dead]
-        churn_pairs = [(name, reader) for name in names for reader in rng.sample(alive, readers)]
+    async def build(self) -> None:
+        for i in range(self.n):
+            node = await self._make()
+            self.nodes.append(node)
+            await node.start([self.nodes[0].host.addrs[0]] if i else [])
 
-        async def read(name: bytes, reader: DHT) -> bool:
-            return await reader.get(name) == Record(b"value:" + name, expiry)
+    async def store(self, name: bytes) -> None:
+        await self.rng.choice(self.nodes).store(name, b"value:" + name, self.expiry)
 
-        found = 0
-        for first in range(0, len(churn_pairs), CHURN_BATCH):
-            batch = churn_pairs[first : first + CHURN_BATCH]
-            found += sum(await asyncio.gather(*(read(name, reader) for name, reader in batch)))
-        run.churn_success = found / len(churn_pairs)
-    finally:
-        for node in nodes:
+    async def read(self, name: bytes, reader: int) -> Read:
+        node = self.nodes[reader]
+        answer = await node.get(name)
+        ok = answer == Record(b"value:" + name, self.expiry)
+        return Read(ok, node.last_lookup.hops, node.last_lookup.messages)
+
+    def readers(self) -> list[int]:
+        return [i for i in range(self.n) if i not in self.dead]
+
+    async def churn(self, rng: random.Random) -> None:
+        self.dead = set(rng.sample(range(self.n), int(CHURN * self.n)))
+        for index in self.dead:
+            await self.nodes[index].host.stop()
+
+    async def close(self) -> None:
+        for node in self.nodes:
             await node.stop()
             await node.host.stop()
-    return run
 
 
-# -- Swarm simulated -----------------------------------------------------------------------
+class SimulatedNetwork(Network):
+    """The same cores in ``dht.SimNetwork``: direct calls, no transport, no event loop."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.run = Run("swarm", "sim", n)
+        self.n = n
+        self.net = SimNetwork(seed=seed, now=time.time())
+        self.peers: list[PeerId] = []
+
+    async def build(self) -> None:
+        boot = self.net.add_node()
+        self.peers = [boot] + [self.net.add_node(boot) for _ in range(self.n - 1)]
+
+    async def store(self, name: bytes) -> None:
+        entry = Entry(name, None, b"value:" + name, self.net.now + HOUR)
+        self.net.store(self.net.rng.choice(self.peers), entry)
+
+    async def read(self, name: bytes, reader: int) -> Read:
+        result = self.net.get(self.peers[reader], name)
+        ok = [e.value for e in result.entries] == [b"value:" + name]
+        return Read(ok, result.hops, result.messages)
+
+    def readers(self) -> list[int]:
+        return [i for i, p in enumerate(self.peers) if p in self.net.alive]
+
+    async def churn(self, rng: random.Random) -> None:
+        for peer in rng.sample(self.peers, int(CHURN * self.n)):
+            self.net.kill(peer)
+
+    async def close(self) -> None:
+        return None
 
 
-def swarm_simulated(n: int, keys: int, readers: int, seed: int) -> Run:
-    net = SimNetwork(seed=seed, now=time.time())
-    rng = random.Random(seed)
-    run = Run("swarm", "sim", n)
-    started = time.perf_counter()
-    boot = net.add_node()
-    peers = [boot] + [net.add_node(boot) for _ in range(n - 1)]
-    run.join_s = time.perf_counter() - started
-    names = workload(rng, keys)
-    for name in names:
-        net.store(rng.choice(peers), Entry(name, None, b"value:" + name, net.now + HOUR))
-    pairs = [(name, reader) for name in names for reader in rng.sample(peers, readers)]
-    found = 0
-    for name, reader in pairs:
-        begin = time.perf_counter()
-        result = net.get(reader, name)
-        run.latency_ms.append((time.perf_counter() - begin) * 1000)
-        found += [e.value for e in result.entries] == [b"value:" + name]
-        run.hops.append(result.hops)
-        run.messages.append(result.messages)
-    run.gets = len(pairs)
-    run.success = found / len(pairs)
-    for peer in rng.sample(peers, int(CHURN * n)):
-        net.kill(peer)
-    alive = [p for p in peers if p in net.alive]
-    churn_pairs = [(name, reader) for name in names for reader in rng.sample(alive, readers)]
-    found = sum(
-        [e.value for e in net.get(reader, name).entries] == [b"value:" + name]
-        for name, reader in churn_pairs
-    )
-    run.churn_success = found / len(churn_pairs)
-    return run
+class KademliaNetwork(Network):
+    """bmuller's ``kademlia``: UDP datagrams on 127.0.0.1, requests counted as received."""
 
+    def __init__(self, n: int, seed: int) -> None:
+        from kademlia.network import Server
+        from kademlia.protocol import KademliaProtocol
 
-# -- bmuller's kademlia --------------------------------------------------------------------
+        class CountingProtocol(KademliaProtocol):
+            requests = 0
 
+            async def _accept_request(self, msg_id, data, address):  # type: ignore[no-untyped-def]
+                CountingProtocol.requests += 1
+                return await super()._accept_request(msg_id, data, address)
 
-async def kademlia_network(n: int, keys: int, readers: int, seed: int) -> Run:
-    from kademlia.network import Server
-    from kademlia.protocol import KademliaProtocol
+        class CountingServer(Server):
+            protocol_class = CountingProtocol
 
-    class CountingProtocol(KademliaProtocol):
-        requests = 0
+        self.counter = CountingProtocol
+        self.server_class = CountingServer
+        self.run = Run("kademlia", "udp", n)
+        self.n = n
+        self.rng = random.Random(seed)
+        self.servers: list[Server] = []
 
-        async def _accept_request(self, msg_id, data, address):  # type: ignore[no-untyped-def]
-            CountingProtocol.requests += 1
-            return await super()._accept_request(msg_id, data, address)
-
-    class CountingServer(Server):
-        protocol_class = CountingProtocol
-
-    rng = random.Random(seed)
-    run = Run("kademlia", "udp", n)
-    servers: list[CountingServer] = []
-    ours = asyncio.all_tasks()
-    try:
-        started = time.perf_counter()
-        for i in range(n):
-            server = CountingServer(node_id=rng.randbytes(20))
+    async def build(self) -> None:
+        for i in range(self.n):
+            server = self.server_class(node_id=self.rng.randbytes(20))
             await server.listen(0, interface="127.0.0.1")
-            servers.append(server)
+            self.servers.append(server)
             if i:
-                port = servers[0].transport.get_extra_info("sockname")[1]
+                port = self.servers[0].transport.get_extra_info("sockname")[1]
                 await server.bootstrap([("127.0.0.1", port)])
-        run.join_s = time.perf_counter() - started
-        names = workload(rng, keys)
-        for name in names:
-            await rng.choice(servers).set(name, b"value:" + name)
-        pairs = [(name, reader) for name in names for reader in rng.sample(servers, readers)]
-        for name, reader in pairs:
-            await reader.get(name)
-        found = 0
-        for name, reader in pairs:
-            before = CountingProtocol.requests
-            begin = time.perf_counter()
-            answer = await reader.get(name)
-            run.latency_ms.append((time.perf_counter() - begin) * 1000)
-            run.messages.append(CountingProtocol.requests - before)
-            found += answer == b"value:" + name
-        run.gets = len(pairs)
-        run.success = found / len(pairs)
-        run.hops = [0]
-    finally:
-        for server in servers:
+
+    async def store(self, name: bytes) -> None:
+        await self.rng.choice(self.servers).set(name, b"value:" + name)
+
+    async def read(self, name: bytes, reader: int) -> Read:
+        before = self.counter.requests
+        answer = await self.servers[reader].get(name)
+        return Read(answer == b"value:" + name, 0, self.counter.requests - before)
+
+    def readers(self) -> list[int]:
+        return list(range(self.n))
+
+    async def close(self) -> None:
+        for server in self.servers:
             server.stop()
-        # kademlia leaves refresh and welcome tasks behind: end them with the run
-        leftovers = asyncio.all_tasks() - ours
+            for _, timer in server.protocol._outstanding.values():
+                timer.cancel()
+        self.servers.clear()
+        # kademlia leaves refresh and welcome tasks behind: end them (and only them)
+        leftovers = [t for t in asyncio.all_tasks() if _is_kademlia(t)]
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
-    return run
+
+
+def _is_kademlia(task: asyncio.Task[object]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    if code is None:
+        return False
+    return any(part in code.co_filename for part in ("/kademlia/", "/rpcudp/")) or (
+        code.co_filename == __file__ and code.co_name == "_accept_request"
+    )
+
+
+async def prepare(net: Network, keys: int, readers: int, seed: int) -> list[tuple[bytes, int]]:
+    """Build ``net``, store the keys, pick (key, reader) pairs and read each once.
+
+    That first read is the one whose hops and messages count: the reader's routing
+    table has not met the key's holders yet. It also opens the connections that the
+    second, timed read finds warm.
+    """
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    await net.build()
+    net.run.join_s = time.perf_counter() - started
+    names = workload(rng, keys)
+    for name in names:
+        await net.store(name)
+    pairs = [(name, r) for name in names for r in rng.sample(net.readers(), readers)]
+    for name, reader in pairs:
+        read = await net.read(name, reader)
+        net.run.hops.append(read.hops)
+        net.run.messages.append(read.messages)
+        net.run.success += read.ok
+    return pairs
+
+
+async def measure(net: Network, name: bytes, reader: int) -> None:
+    begin = time.perf_counter()
+    read = await net.read(name, reader)
+    net.run.latency_ms.append((time.perf_counter() - begin) * 1000)
+    net.run.gets += 1
+    net.run.success += read.ok
+
+
+async def churn(net: Network, pairs: list[tuple[bytes, int]], seed: int) -> None:
+    """Kill 30 % of the nodes without a goodbye, then read the keys from survivors."""
+    rng = random.Random(seed + 1)
+    await net.churn(rng)
+    names = sorted({name for name, _ in pairs})
+    per_key = len(pairs) // len(names)
+    again = [(name, r) for name in names for r in rng.sample(net.readers(), per_key)]
+    found = 0
+    for first in range(0, len(again), CHURN_BATCH):
+        batch = again[first : first + CHURN_BATCH]
+        reads = await asyncio.gather(*(net.read(name, r) for name, r in batch))
+        found += sum(read.ok for read in reads)
+    net.run.churn_success = found / len(again)
+
+
+async def bench(net: Network, keys: int, readers: int, seed: int, *, churned: bool) -> Run:
+    try:
+        pairs = await prepare(net, keys, readers, seed)
+        for name, reader in pairs:
+            await measure(net, name, reader)
+        net.run.success /= 2 * net.run.gets
+        if churned:
+            await churn(net, pairs, seed)
+    finally:
+        await net.close()
+    return net.run
+
+
+async def bench_pair(
+    ours: Network, theirs: Network, keys: int, readers: int, seed: int
+) -> tuple[Run, Run]:
+    """Both networks up at once and their gets interleaved one by one, so that both
+    latencies see the same machine load; then ours goes through churn."""
+    try:
+        ours_pairs = await prepare(ours, keys, readers, seed)
+        theirs_pairs = await prepare(theirs, keys, readers, seed)
+        for (a_name, a_reader), (b_name, b_reader) in zip(ours_pairs, theirs_pairs, strict=True):
+            await measure(ours, a_name, a_reader)
+            await measure(theirs, b_name, b_reader)
+        ours.run.success /= 2 * ours.run.gets
+        theirs.run.success /= 2 * theirs.run.gets
+        await theirs.close()
+        await churn(ours, ours_pairs, seed)
+    finally:
+        await theirs.close()
+        await ours.close()
+    return ours.run, theirs.run
 
 
 # -- report --------------------------------------------------------------------------------
@@ -305,15 +405,17 @@ async def main() -> None:
         runs.append(run)
         print(table([run]).splitlines()[-1], file=sys.stderr, flush=True)
 
-    note(await kademlia_network(200, keys, readers, args.seed))
-    note(await swarm_network("quic", 200, keys, readers, args.seed))
-    note(await kademlia_network(1000, keys, readers, args.seed))
-    note(await swarm_network("memory", 100, keys, readers, args.seed))
+    seed = args.seed
+    quic, kademlia = await bench_pair(
+        SwarmNetwork("quic", 200, seed), KademliaNetwork(200, seed), keys, readers, seed
+    )
+    note(quic)
+    note(kademlia)
+    note(await bench(KademliaNetwork(1000, seed), keys, readers, seed, churned=False))
+    note(await bench(SwarmNetwork("memory", 100, seed), keys, readers, seed, churned=True))
     for n in (1000, 2000):
-        if args.quick:
-            note(swarm_simulated(n, keys, readers, args.seed))
-        else:
-            note(await swarm_network("memory", n, keys, readers, args.seed))
+        net = SimulatedNetwork(n, seed) if args.quick else SwarmNetwork("memory", n, seed)
+        note(await bench(net, keys, readers, seed, churned=True))
     print(table(runs))
     print(json.dumps(report(runs)))
 

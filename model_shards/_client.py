@@ -43,6 +43,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM of the swarm: local ends, remote blocks. Build with ``from_pretrained``."""
 
     base_model_prefix = "swarm"
+    _owns_client = False
+    """Whether ``close`` closes the swarm client (it does when ``from_pretrained`` made it)."""
 
     def __init__(
         self,
@@ -102,8 +104,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(checkpoint.config)
         return model.eval()
-
-    _owns_client = False
 
     def close(self) -> None:
         """Close any open session and, unless it was shared, the swarm client."""

@@ -639,7 +639,8 @@ class Host:
         *,
         timeout: float | None = None,
     ) -> RpcReply:
-        """Call ``protocol_id`` on ``peer``: one round trip over the shared call stream kept per peer and protocol.
+        """Call ``protocol_id`` on ``peer``: one round trip on the call stream shared per
+        peer and protocol.
 
         ``timeout`` (default ``RpcLimits.default_timeout_s``) travels to the server,
         which gives up too. Raises ``RemoteError`` for the handler's error,

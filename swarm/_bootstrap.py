@@ -8,8 +8,20 @@ from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MADDR")
-    parser.add_argument("--listen", action="append", default=[], metavar="MADDR")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="a peer of the swarm to join through (repeatable); none: start a new swarm",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
+    )
     parser.add_argument("--identity", help="key file (created if missing); default: a new key")
 
 

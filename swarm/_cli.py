@@ -20,7 +20,9 @@ COMMANDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m swarm", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="python -m swarm", description="Run a language model across a swarm of computers."
+    )
     top.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     top.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = top.add_subparsers(dest="command", required=True)

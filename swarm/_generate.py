@@ -9,7 +9,13 @@ from ._peer import say
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or cached Hub name")
-    parser.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="MADDR",
+        help="a peer of the swarm (repeatable)",
+    )
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")

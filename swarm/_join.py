@@ -43,8 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: first CUDA device, else cpu)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MADDR")
-    parser.add_argument("--listen", action="append", default=[], metavar="MADDR")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="a peer of the swarm to join through (repeatable); none: start a new swarm",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
+    )
     parser.add_argument("--identity", help="key file (created if missing); default: a new key")
     parser.add_argument("--cache-dir", type=Path, help="swarm cache (throughputs)")
 

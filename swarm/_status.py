@@ -10,7 +10,13 @@ from ._peer import identity_from, say, start_peer, stop_peer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="MADDR",
+        help="a peer of the swarm (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line instead of tables")
 
 

@@ -18,7 +18,7 @@ from model_shards._client import DistributedModelForCausalLM
 from model_shards._server_limits import ClientLimits
 from scheduler import MissingBlocksError
 from tests.model_shards.tiny import TinyModel, left_padded, prompts
-from tests.swarm.harness import LocalSwarm
+from tests.swarm.harness import LocalSwarm, private_copy
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
 def llama(
     swarm: LocalSwarm, tiny: Callable[[str], TinyModel]
 ) -> Iterator[tuple[TinyModel, DistributedModelForCausalLM]]:
-    tm = tiny("llama")
+    tm = private_copy(tiny("llama"), swarm.cache_dir)
     swarm.serve(tm.path, 0, 2)
     swarm.serve(tm.path, 2, 4)
     model = DistributedModelForCausalLM.from_pretrained(tm.path, initial_peers=[swarm.addr])
@@ -126,7 +126,7 @@ def test_a_session_too_short_fails_with_a_typed_error(
 def test_blocks_nobody_serves_raise_missing_blocks(
     swarm: LocalSwarm, tiny: Callable[[str], TinyModel], tmp_path: Path
 ) -> None:
-    tm = tiny("qwen2")
+    tm = private_copy(tiny("qwen2"), tmp_path)
     node = swarm.serve(tm.path, 1, 3)
     limits = ClientLimits(route_wait_s=0.0)
     with DistributedModelForCausalLM.from_pretrained(

@@ -20,7 +20,7 @@ from model_shards import Quantization, quantize_linears
 from model_shards._client import DistributedModelForCausalLM
 from model_shards._server_limits import ClientLimits
 from tests.model_shards.tiny import CONFIGS, TinyModel, hf_blocks, left_padded
-from tests.swarm.harness import ProcessSwarm
+from tests.swarm.harness import ProcessSwarm, private_copy
 
 FAMILIES = ["llama", "mistral", "qwen2", "mixtral", "bloom", "falcon"]
 TCP = "/ip4/127.0.0.1/tcp/0"
@@ -59,13 +59,14 @@ def make_other_llama(directory: Path) -> transformers.PreTrainedModel:
 @pytest.fixture(scope="module")
 def swarm(
     tiny: Callable[[str], TinyModel], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, ProcessSwarm, transformers.PreTrainedModel, Path]]:
+) -> Iterator[tuple[str, dict[str, TinyModel], transformers.PreTrainedModel, Path]]:
     """A bootstrap, two servers per family and two quantized servers, all started at once."""
     logs = tmp_path_factory.mktemp("logs")
     cache = tmp_path_factory.mktemp("cache")
     other_path = tmp_path_factory.mktemp("llama-other")
     other = make_other_llama(other_path)
-    models = {name: tiny(name) for name in FAMILIES}
+    copies = tmp_path_factory.mktemp("models")
+    models = {name: private_copy(tiny(name), copies) for name in FAMILIES}
     processes = ProcessSwarm(logs)
     try:
         bootstrap = processes.start("bootstrap", ["bootstrap", "--listen", TCP]).addr(60)
@@ -79,20 +80,20 @@ def swarm(
             servers.append(processes.start(f"other-{quant}", args))
         for server in servers:
             server.wait_for("online", START_TIMEOUT)
-        yield bootstrap, processes, other, other_path
+        yield bootstrap, models, other, other_path
     finally:
-        processes.close()
+        processes.close(graceful=False)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_generation_through_two_server_processes_equals_local(
-    swarm: tuple[str, ProcessSwarm, transformers.PreTrainedModel, Path],
+    swarm: tuple[str, dict[str, TinyModel], transformers.PreTrainedModel, Path],
     tiny: Callable[[str], TinyModel],
     name: str,
 ) -> None:
-    bootstrap = swarm[0]
-    tm = tiny(name)
+    bootstrap, models = swarm[0], swarm[1]
+    tm = models[name]
     ids, mask = left_padded([6, 4])
     expected = tm.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
     with DistributedModelForCausalLM.from_pretrained(
@@ -106,7 +107,7 @@ def test_greedy_generation_through_two_server_processes_equals_local(
 
 @pytest.mark.timeout(600)
 def test_int8_and_nf4_servers_equal_a_local_model_quantized_the_same_way(
-    swarm: tuple[str, ProcessSwarm, transformers.PreTrainedModel, Path],
+    swarm: tuple[str, dict[str, TinyModel], transformers.PreTrainedModel, Path],
 ) -> None:
     bootstrap, _, other, other_path = swarm
     reference = copy.deepcopy(other)

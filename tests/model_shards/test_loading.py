@@ -90,7 +90,12 @@ def fake_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    # A download brings the weights, never a manifest cached by another test.
+    shutil.copytree(
+        checkpoint,
+        repo / "snapshots" / commit,
+        ignore=shutil.ignore_patterns("swarm_manifest.json"),
+    )
 
 
 def test_hub_names_resolve_from_the_local_cache_only(

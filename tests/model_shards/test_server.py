@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from model_shards._wire import Compression, encode_tensor
 from p2p import Host, RemoteError, RpcReply, RpcStream
 from security import KeyPair
 from tests.model_shards.tiny import TinyModel
+from tests.swarm.harness import private_copy
 from transport import Multiaddr, TcpTransport
 
 WIRE = ServerLimits().wire
@@ -79,13 +81,13 @@ async def serve(
 
 @pytest.fixture
 async def make_served(
-    tiny: Callable[[str], TinyModel],
+    tiny: Callable[[str], TinyModel], tmp_path: Path
 ) -> AsyncIterator[Callable[..., Any]]:
     stops: list[tuple[ShardServer, Host, Host]] = []
 
     async def make(limits: ServerLimits | None = None, throughput: float = 100.0) -> Served:
         host, client, server, span, model_id = await serve(
-            tiny("llama"), limits or ServerLimits(), throughput
+            private_copy(tiny("llama"), tmp_path), limits or ServerLimits(), throughput
         )
         stops.append((server, host, client))
         return Served(server, client, span, model_id)

@@ -9,6 +9,8 @@ processes and always stops (or kills) them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -20,10 +22,20 @@ from p2p import Host
 from security import KeyPair
 from swarm._peer import start_peer, stop_peer
 from swarm._procs import NodeProcess, stop_all
+from tests.model_shards.tiny import TinyModel
 
 T = TypeVar("T")
 
 TCP_LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def private_copy(tm: TinyModel, directory: Path) -> TinyModel:
+    """``tm`` with its checkpoint copied under ``directory``: servers and clients write the
+    manifest cache beside a checkpoint, which must not leak into other tests' models."""
+    path = directory / tm.path.name
+    if not path.exists():
+        shutil.copytree(tm.path, path)
+    return dataclasses.replace(tm, path=path)
 
 
 class LoopThread:
@@ -107,5 +119,9 @@ class ProcessSwarm:
         self.nodes.append(node)
         return node
 
-    def close(self) -> None:
-        stop_all(self.nodes, timeout=20)
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop every node (SIGINT, then SIGKILL after a while), or kill them at once."""
+        if graceful:
+            stop_all(self.nodes, timeout=20)
+        for node in self.nodes:
+            node.kill()
