@@ -2,13 +2,16 @@
 KV caches, the tensor wire format and model manifests. Needs the ``model`` extra
 (``pip install swarm[model]``): torch, transformers, bitsandbytes, safetensors.
 
-Networking (the shard server and the distributed client) is built on top of this package.
+The networking side, on the p2p Host and the DHT: ``ShardServer``/``ServerNode`` serve a
+span; ``DistributedModelForCausalLM`` generates through a chain of servers.
 """
 
 import inspect
 
 from ._cache import CachePool, CacheReservation
 from ._checkpoint import Checkpoint, resolve_checkpoint_dir
+from ._client import DistributedModelForCausalLM
+from ._client_runtime import SwarmClient
 from ._ends import ModelEnds, load_model_ends
 from ._errors import (
     BadRequest,
@@ -28,6 +31,16 @@ from ._limits import CacheLimits, RequestLimits, WireLimits
 from ._manifest import Manifest, compute_manifest, load_manifest
 from ._progress import Progress, tqdm_progress
 from ._quant import Quantization, quantize_linears
+from ._server import ShardServer
+from ._server_errors import (
+    BlockNotServed,
+    ServerError,
+    ServerShuttingDown,
+    SessionTimeout,
+    UnknownSession,
+)
+from ._server_limits import ClientLimits, ServerLimits
+from ._server_node import ServerConfig, ServerNode
 from ._span import InferenceSession, Span, load_span
 from ._wire import Compression, decode_tensor, encode_tensor, serialize_tensor
 from .families import FAMILIES, ModelFamily, family_for
@@ -35,13 +48,16 @@ from .families import FAMILIES, ModelFamily, family_for
 __all__ = [
     "FAMILIES",
     "BadRequest",
+    "BlockNotServed",
     "CacheFull",
     "CacheLimits",
     "CachePool",
     "CacheReservation",
     "Checkpoint",
     "CheckpointError",
+    "ClientLimits",
     "Compression",
+    "DistributedModelForCausalLM",
     "InferenceSession",
     "InvalidShape",
     "MalformedTensor",
@@ -52,12 +68,21 @@ __all__ = [
     "Progress",
     "Quantization",
     "RequestLimits",
+    "ServerConfig",
+    "ServerError",
+    "ServerLimits",
+    "ServerNode",
+    "ServerShuttingDown",
     "SessionClosed",
+    "SessionTimeout",
     "ShardError",
+    "ShardServer",
     "Span",
+    "SwarmClient",
     "TensorTooLarge",
     "TooLong",
     "UnknownModelFamily",
+    "UnknownSession",
     "WireLimits",
     "WrongDtype",
     "compute_manifest",
