@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/generate.py [--quick] [--shapes small,medium] [--threads N]
+        [--skip-memory] [--skip-push] [--skip-failover] [--push-tokens N]
 
 Per shape, in the same run: greedy generation of 64 tokens from a 16-token prompt
 (``generate``, float32, no quantization) through three ``python -m swarm join`` processes
@@ -32,8 +33,30 @@ is compared with that of a process that only imports what a server imports (the 
 overhead), plus a ``--memory-slack-mb`` allowance for what serving adds whatever the span's
 size (the throughput probe's block, buffers, allocator slack).
 
-The machine is shared: ``load_average_1min`` (before, after the generation runs) says how
-busy it was. The table goes to stdout; the LAST line is one JSON object with every figure.
+Push vs relay (``push_latency_reduction``, goal >= 0.30): four server processes, one block
+each of a tiny Llama (hidden 256, 4 layers, vocabulary 4,096), in a chain whose every link
+adds a 20 ms one-way delay (``transport.DelayTransport``: the servers read
+``SWARM_LINK_DELAY_MS``, the client is built with it; a round trip to a server must measure
+at least 1.6 x 2 x 20 ms or the run stops). The same client generates with
+``ClientLimits.push`` on and off in turn; the figure compares the median time between two
+generated tokens: 1 - push / relay. With push a token crosses five links (client, four
+servers, client), relayed by the client it crosses eight.
+
+Failover (``failover_stall_s``, goal <= 2 s): four servers of the tiny Llama, two per half
+of its blocks, no delay; one uninterrupted 64-token greedy generation, then the same with
+the server of the first hop SIGKILLed when the 20th token comes out. The figure is the
+longest time between two tokens of that run; its tokens must equal the uninterrupted ones.
+
+Every process starts at once, before anything is timed: the two shapes' swarms, the memory
+probe, and the push and failover swarms (about twenty ``python -m swarm`` processes whose
+imports and loading overlap); the timed runs begin once every server is online, and each
+swarm stops as soon as its figures are taken. Servers waiting for their turn sit idle on
+their sockets. ``wall_s`` is the whole run.
+
+The machine is shared: ``load_average_1min`` (at the start, after the generation runs) says
+how busy it was; ``load_average_timed_start`` is taken when the timed runs begin (it counts
+this run's own start-ups). The table goes to stdout; the LAST line is one JSON object with
+every figure.
 """
 
 from __future__ import annotations
@@ -60,11 +83,20 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from model_shards._client import DistributedModelForCausalLM  # noqa: E402
+from model_shards._client_runtime import SwarmClient  # noqa: E402
+from model_shards._client_timing import TokenClock  # noqa: E402
 from model_shards._server_limits import ClientLimits  # noqa: E402
+from security import KeyPair, PeerId  # noqa: E402
 from swarm._procs import NodeProcess, stop_all  # noqa: E402
+from transport import DelayTransport, Multiaddr, QuicTransport, TcpTransport  # noqa: E402
+from transport._delay import LINK_DELAY_ENV  # noqa: E402
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 SERVERS = 3
+PUSH_SERVERS = 4
+LINK_DELAY_MS = 20.0
+FAILOVER_SPANS = 2
+KILL_AT_TOKEN = 20
 PROMPT_TOKENS = 16
 NEW_TOKENS = 64
 VOCAB = 32_000
@@ -77,10 +109,11 @@ class Shape:
     intermediate: int
     layers: int
     heads: int
+    vocab: int = VOCAB
 
     def config(self) -> transformers.LlamaConfig:
         return transformers.LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=self.vocab,
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
             num_hidden_layers=self.layers,
@@ -98,6 +131,9 @@ SHAPES = {
     "medium": Shape("medium", 1024, 2816, 16, 16),
 }
 MEMORY_SHAPE = Shape("memory24", 512, 1376, 24, 8)
+TINY_SHAPE = Shape("tiny4", 256, 688, 4, 4, vocab=4096)
+"""For push vs relay and failover: one block per server and a small head, so that the
+links and the recovery, not the compute, make the figures (and the processes start fast)."""
 
 
 def log(text: str) -> None:
@@ -176,26 +212,16 @@ def timed(fn: Any, pids: list[int]) -> Run:
     return Run(wall, cpu, ids)
 
 
-def bench_shape(shape: Shape, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+def shape_swarm(shape: Shape, args: argparse.Namespace, logs: Path) -> Swarm:
+    """A bootstrap node and three servers, each of a third of the shape's blocks."""
     path = checkpoint(shape, args.cache_dir)
-    nodes: list[NodeProcess] = []
+    return Swarm(shape.name, path, spans(shape.layers, SERVERS), args, logs)
+
+
+def bench_shape(shape: Shape, swarm: Swarm, repeats: int) -> dict[str, Any]:
+    """Swarm and local generation alternating on ``swarm`` (online), then the swarm stops."""
+    path = swarm.path
     try:
-        bootstrap_node = NodeProcess(
-            ["bootstrap", "--listen", TCP], log_path=logs / "bootstrap.log"
-        )
-        nodes.append(bootstrap_node)
-        bootstrap = bootstrap_node.addr(120)
-        servers = []
-        for index, (start, end) in enumerate(spans(shape.layers, SERVERS)):
-            node = NodeProcess(
-                join_args(path, start, end, bootstrap, args),
-                log_path=logs / f"{shape.name}-server{index}.log",
-            )
-            nodes.append(node)
-            servers.append(node)
-        for node in servers:
-            node.wait_for("online", 600)
-        log(f"{shape.name}: {SERVERS} servers online")
         local = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         prompt = torch.randint(
             3, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1)
@@ -204,25 +230,25 @@ def bench_shape(shape: Shape, args: argparse.Namespace, logs: Path) -> dict[str,
         limits = ClientLimits(route_wait_s=60.0)
         with (
             DistributedModelForCausalLM.from_pretrained(
-                path, initial_peers=[bootstrap], limits=limits
+                path, initial_peers=[swarm.bootstrap], limits=limits
             ) as remote,
             torch.no_grad(),
         ):
             remote.generate(prompt, do_sample=False, max_new_tokens=8)
             local.generate(prompt, do_sample=False, max_new_tokens=8)
-            pids = [node.popen.pid for node in servers]
+            pids = [node.popen.pid for node in swarm.servers.values()]
             runs: list[tuple[Run, Run]] = []
-            for repeat in range(args.repeats):
-                swarm = timed(lambda: remote.generate(prompt, **options), pids)
+            for repeat in range(repeats):
+                swarm_run = timed(lambda: remote.generate(prompt, **options), pids)
                 local_run = timed(lambda: local.generate(prompt, **options), [])
-                runs.append((swarm, local_run))
+                runs.append((swarm_run, local_run))
                 log(
-                    f"{shape.name} run {repeat + 1}/{args.repeats}: swarm {swarm.wall_s:.3f}s "
-                    f"({swarm.cpu_s:.3f} CPU-s), local {local_run.wall_s:.3f}s "
+                    f"{shape.name} run {repeat + 1}/{repeats}: swarm {swarm_run.wall_s:.3f}s "
+                    f"({swarm_run.cpu_s:.3f} CPU-s), local {local_run.wall_s:.3f}s "
                     f"({local_run.cpu_s:.3f} CPU-s)"
                 )
     finally:
-        stop_all(nodes)
+        swarm.stop()
     per_hop = 1000 / NEW_TOKENS / SERVERS
     swarm_s = statistics.median(sw.wall_s for sw, _ in runs)
     local_s = statistics.median(lo.wall_s for _, lo in runs)
@@ -243,6 +269,233 @@ def bench_shape(shape: Shape, args: argparse.Namespace, logs: Path) -> dict[str,
     }
 
 
+class Swarm:
+    """A bootstrap node and one server per span, as child processes; two swarms start
+    side by side (``start_servers`` then ``wait_online`` on each)."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        bounds: list[tuple[int, int]],
+        args: argparse.Namespace,
+        logs: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.bounds = bounds
+        self._args = args
+        self._logs = logs
+        self._env = env
+        self.bootstrap = ""
+        self.servers: dict[PeerId, NodeProcess] = {}
+        """The servers by PeerID, once online."""
+        self.nodes = [
+            NodeProcess(["bootstrap", "--listen", TCP], log_path=logs / f"{name}-boot.log", env=env)
+        ]
+
+    def start_servers(self) -> None:
+        self.bootstrap = self.nodes[0].addr(120)
+        for index, (start, end) in enumerate(self.bounds):
+            self.nodes.append(
+                NodeProcess(
+                    join_args(self.path, start, end, self.bootstrap, self._args),
+                    log_path=self._logs / f"{self.name}-server{index}.log",
+                    env=self._env,
+                )
+            )
+
+    def wait_online(self) -> None:
+        for node in self.nodes[1:]:
+            peer = Multiaddr.from_string(node.addr(120)).peer_id
+            assert peer is not None
+            self.servers[peer] = node
+        for node in self.nodes[1:]:
+            node.wait_for("online", 600)
+        log(f"{self.name}: {len(self.bounds)} servers online")
+
+    def stop(self) -> None:
+        stop_all(self.nodes)
+
+
+def delayed_client(bootstrap: str, delay_s: float) -> SwarmClient:
+    """A swarm client whose links add ``delay_s`` one way, as the servers' do."""
+    identity = KeyPair.generate()
+    transports = [
+        DelayTransport(TcpTransport(identity), delay_s),
+        DelayTransport(QuicTransport(identity), delay_s),
+    ]
+    return SwarmClient(
+        [bootstrap],
+        identity=identity,
+        limits=ClientLimits(route_wait_s=60.0),
+        transports=transports,
+    )
+
+
+def check_delayed(runtime: SwarmClient, servers: list[PeerId], delay_s: float) -> float:
+    """The median round trip to the servers; an error if the servers add no delay."""
+
+    async def pings() -> list[float]:
+        return [await runtime.host.ping(peer) for peer in servers for _ in range(3)]
+
+    rtt = statistics.median(runtime.run(pings(), timeout=60))
+    if rtt < 1.6 * delay_s:
+        raise RuntimeError(
+            f"round trip to the servers is {rtt * 1000:.1f} ms, under twice the "
+            f"{delay_s * 1000:g} ms link delay: the servers ignore {LINK_DELAY_ENV} "
+            "(swarm/_peer.py must build its transports with transport.link_delay_from_env)"
+        )
+    return rtt
+
+
+def push_swarm(args: argparse.Namespace, logs: Path) -> Swarm:
+    """Four servers of one block each, behind 20 ms links."""
+    path = checkpoint(TINY_SHAPE, args.cache_dir)
+    env = {LINK_DELAY_ENV: f"{LINK_DELAY_MS:g}"}
+    return Swarm("push", path, spans(TINY_SHAPE.layers, PUSH_SERVERS), args, logs, env)
+
+
+def bench_push(swarm: Swarm, args: argparse.Namespace) -> dict[str, Any]:
+    """Per-token latency over a chain of four servers behind 20 ms links, push on and off."""
+    shape = TINY_SHAPE
+    path = swarm.path
+    bootstrap = swarm.bootstrap
+    delay_s = LINK_DELAY_MS / 1000
+    try:
+        prompt = torch.randint(
+            3, shape.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2)
+        )
+        tokens = args.push_tokens
+        options = {"do_sample": False, "max_new_tokens": tokens, "min_new_tokens": tokens}
+        with delayed_client(bootstrap, delay_s) as runtime, torch.no_grad():
+            rtt = check_delayed(runtime, list(swarm.servers), delay_s)
+            models = {
+                push: DistributedModelForCausalLM.from_pretrained(
+                    path,
+                    initial_peers=[bootstrap],
+                    limits=ClientLimits(route_wait_s=60.0, push=push),
+                    client=runtime,
+                )
+                for push in (True, False)
+            }
+            per_token: dict[bool, list[float]] = {True: [], False: []}
+            outputs: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+            for model in models.values():
+                model.generate(prompt, do_sample=False, max_new_tokens=4)
+            for repeat in range(args.repeats):
+                for push, model in models.items():
+                    clock = TokenClock()
+                    outputs[push].append(model.generate(prompt, streamer=clock, **options))
+                    per_token[push].append(statistics.median(clock.gaps_s[1:]))
+                log(
+                    f"push run {repeat + 1}/{args.repeats}: push {per_token[True][-1] * 1000:.1f}"
+                    f" ms/token, relay {per_token[False][-1] * 1000:.1f} ms/token"
+                )
+    finally:
+        swarm.stop()
+    push_s = statistics.median(per_token[True])
+    relay_s = statistics.median(per_token[False])
+    return {
+        "push_link_delay_ms": LINK_DELAY_MS,
+        "push_servers": PUSH_SERVERS,
+        "push_rtt_ms": 1000 * rtt,
+        "push_ms_per_token": 1000 * push_s,
+        "relay_ms_per_token": 1000 * relay_s,
+        "push_latency_reduction": 1 - push_s / relay_s,
+        "push_identical": all(
+            torch.equal(a, b) for a, b in zip(outputs[True], outputs[False], strict=True)
+        ),
+    }
+
+
+def failover_swarm(args: argparse.Namespace, logs: Path) -> Swarm:
+    """Two servers for each half of the blocks, on plain loopback."""
+    path = checkpoint(TINY_SHAPE, args.cache_dir)
+    bounds = [b for b in spans(TINY_SHAPE.layers, FAILOVER_SPANS) for _ in range(2)]
+    return Swarm("failover", path, bounds, args, logs)
+
+
+def bench_failover(swarm: Swarm) -> dict[str, Any]:
+    """The slowest token of a 64-token generation when a server of the chain is SIGKILLed
+    (two servers per span), and whether the tokens equal the uninterrupted run's."""
+    shape = TINY_SHAPE
+    path = swarm.path
+    bootstrap = swarm.bootstrap
+    servers = swarm.servers
+    try:
+        prompt = torch.randint(
+            3, shape.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(3)
+        )
+        options = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+        with (
+            DistributedModelForCausalLM.from_pretrained(
+                path, initial_peers=[bootstrap], limits=ClientLimits(route_wait_s=60.0)
+            ) as model,
+            torch.no_grad(),
+        ):
+            model.generate(prompt, do_sample=False, max_new_tokens=4)
+            steady = TokenClock()
+            expected = model.generate(prompt, streamer=steady, **options)
+            killed: list[PeerId] = []
+
+            def kill_first_hop(token: int) -> None:
+                session = model.session
+                if token == KILL_AT_TOKEN and session is not None:
+                    peer = session.hops[0].peer_id
+                    servers[peer].kill()
+                    killed.append(peer)
+
+            clock = TokenClock(kill_first_hop)
+            started = time.perf_counter()
+            got = model.generate(prompt, streamer=clock, **options)
+            wall_s = time.perf_counter() - started
+    finally:
+        swarm.stop()
+    if not killed:
+        raise RuntimeError(f"no server was killed at token {KILL_AT_TOKEN}")
+    log(f"failover: killed {killed[0].short()} at token {KILL_AT_TOKEN}: {clock.stall_s:.3f}s")
+    return {
+        "failover_stall_s": clock.stall_s,
+        "failover_steady_max_gap_s": steady.stall_s,
+        "failover_median_gap_s": statistics.median(clock.gaps_s[1:]),
+        "failover_wall_s": wall_s,
+        "failover_identical": torch.equal(expected, got),
+    }
+
+
+def bench_churn(swarms: dict[str, Swarm], args: argparse.Namespace) -> dict[str, Any]:
+    """Push vs relay and failover on their (online) swarms."""
+    figures: dict[str, Any] = {}
+    if "push" in swarms:
+        figures.update(bench_push(swarms["push"], args))
+    if "failover" in swarms:
+        figures.update(bench_failover(swarms["failover"]))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def print_churn(figures: dict[str, Any]) -> None:
+    """A line each for push vs relay and failover, where measured."""
+    if "push_ms_per_token" in figures:
+        print()
+        print(
+            f"push over {PUSH_SERVERS} servers, {LINK_DELAY_MS:g} ms links (round trip "
+            f"{figures['push_rtt_ms']:.1f} ms): push {figures['push_ms_per_token']:.1f} "
+            f"ms/token, client relay {figures['relay_ms_per_token']:.1f} ms/token, reduction "
+            f"{figures['push_latency_reduction']:.2f}, identical "
+            f"{'yes' if figures['push_identical'] else 'NO'}"
+        )
+    if "failover_stall_s" in figures:
+        print()
+        print(
+            f"failover (SIGKILL of a first-hop server at token {KILL_AT_TOKEN} of "
+            f"{NEW_TOKENS}): slowest token {figures['failover_stall_s']:.3f}s (steady run "
+            f"{figures['failover_steady_max_gap_s']:.3f}s), identical "
+            f"{'yes' if figures['failover_identical'] else 'NO'}"
+        )
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a live process (``VmHWM``), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -260,46 +513,65 @@ print(status.split()[0])
 ``ru_maxrss``, it does not inherit the parent's peak across fork and exec)."""
 
 
-def bench_memory(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+@dataclass
+class MemoryProbe:
+    """A server of a quarter of ``MEMORY_SHAPE``'s blocks and a process that only imports
+    what a server imports, started together (peaks do not depend on the machine's load)."""
+
+    node: NodeProcess
+    baseline: subprocess.Popen[str]
+    full_bytes: int
+
+
+def start_memory(args: argparse.Namespace, logs: Path) -> MemoryProbe:
     shape = MEMORY_SHAPE
     path = checkpoint(shape, args.cache_dir)
-    config = shape.config()
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(shape.config())
     full_bytes = sum(p.numel() * 4 for p in model.parameters())
-    quarter = shape.layers // 4
-    baseline = subprocess.run(
-        [sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True, cwd=ROOT
+    baseline = subprocess.Popen(
+        [sys.executable, "-c", BASELINE], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
-    baseline_mb = int(baseline.stdout.split()[-1]) / 1024
-    nodes: list[NodeProcess] = []
+    node = NodeProcess(
+        [
+            "join",
+            "--model",
+            str(path),
+            "--blocks",
+            f"0:{shape.layers // 4}",
+            "--listen",
+            TCP,
+            "--threads",
+            str(args.threads),
+            "--quant",
+            "none",
+            "--dtype",
+            "float32",
+            "--cache-dir",
+            str(args.cache_dir),
+        ],
+        log_path=logs / "memory-server.log",
+    )
+    return MemoryProbe(node, baseline, full_bytes)
+
+
+def bench_memory(probe: MemoryProbe, args: argparse.Namespace) -> dict[str, Any]:
+    """The server's peak once online against the bound; stops the server."""
     try:
-        node = NodeProcess(
-            [
-                "join",
-                "--model",
-                str(path),
-                "--blocks",
-                f"0:{quarter}",
-                "--listen",
-                TCP,
-                "--threads",
-                str(args.threads),
-                "--quant",
-                "none",
-                "--dtype",
-                "float32",
-                "--cache-dir",
-                str(args.cache_dir),
-            ],
-            log_path=logs / "memory-server.log",
-        )
-        nodes.append(node)
-        node.wait_for("online", 600)
-        server_mb = peak_rss_mb(node.popen.pid)
+        probe.node.wait_for("online", 600)
+        server_mb = peak_rss_mb(probe.node.popen.pid)
+        out, _ = probe.baseline.communicate(timeout=600)
     finally:
-        stop_all(nodes)
-    full_mb = full_bytes / 2**20
+        stop_all([probe.node])
+        if probe.baseline.poll() is None:
+            probe.baseline.kill()
+            probe.baseline.wait()
+    if probe.baseline.returncode != 0:
+        raise RuntimeError(
+            f"the import-only baseline process exited with {probe.baseline.returncode}"
+        )
+    baseline_mb = int(out.split()[-1]) / 1024
+    full_mb = probe.full_bytes / 2**20
     quarter_mb = full_mb / 4
     bound_mb = quarter_mb + baseline_mb + args.memory_slack_mb
     return {
@@ -319,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="small,medium")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, every process")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-push", action="store_true")
+    parser.add_argument("--skip-failover", action="store_true")
+    parser.add_argument(
+        "--push-tokens", type=int, help="tokens per push/relay run (default 32, quick 16)"
+    )
     parser.add_argument("--memory-slack-mb", type=float, default=64.0)
     parser.add_argument(
         "--cache-dir",
@@ -327,16 +604,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
+    args.push_tokens = args.push_tokens or (16 if args.quick else 32)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     logs = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     log(f"node logs in {logs}")
+    started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    results = [bench_shape(SHAPES[name], args, logs) for name in args.shapes.split(",")]
+    names = [name for name in args.shapes.split(",") if name]
+    swarms: dict[str, Swarm] = {}
+    probe: MemoryProbe | None = None
+    try:
+        for name in names:
+            swarms[name] = shape_swarm(SHAPES[name], args, logs)
+        if not args.skip_push:
+            swarms["push"] = push_swarm(args, logs)
+        if not args.skip_failover:
+            swarms["failover"] = failover_swarm(args, logs)
+        if not args.skip_memory:
+            probe = start_memory(args, logs)
+        for swarm in swarms.values():
+            swarm.start_servers()
+        memory = None if probe is None else bench_memory(probe, args)
+        for swarm in swarms.values():
+            swarm.wait_online()
+        log(f"every process started in {time.perf_counter() - started:.0f}s")
+        load_timed = os.getloadavg()[0]
+        results = [bench_shape(SHAPES[name], swarms[name], args.repeats) for name in names]
+        load_after = os.getloadavg()[0]
+        churn = bench_churn(swarms, args)
+    finally:
+        for swarm in swarms.values():
+            swarm.stop()
+        if probe is not None:
+            stop_all([probe.node])
     summary: dict[str, Any] = {
         "threads": args.threads,
         "repeats": args.repeats,
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+        "load_average_timed_start": round(load_timed, 2),
     }
     header = (
         f"{'shape':<8} {'swarm tok/s':>11} {'local tok/s':>11} {'ratio':>6} "
@@ -362,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     if "small" in by_shape:
         for key in ("overhead_ms_per_token_per_hop", "overhead_cpu_ms_per_token_per_hop"):
             summary[key] = round(by_shape["small"][key], 4)
-    if not args.skip_memory:
-        memory = bench_memory(args, logs)
+    if memory is not None:
         print()
         print(
             f"server of {MEMORY_SHAPE.layers // 4}/{MEMORY_SHAPE.layers} blocks: peak "
@@ -374,8 +679,16 @@ def main(argv: list[str] | None = None) -> int:
             f"(full model weights {memory['memory_full_weights_mb']:.0f} MiB)"
         )
         summary.update({k: round(v, 1) if isinstance(v, float) else v for k, v in memory.items()})
+    print_churn(churn)
+    summary.update(churn)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))
-    ok = all(r["identical"] for r in results) and summary.get("memory_ok", True)
+    ok = (
+        all(r["identical"] for r in results)
+        and summary.get("memory_ok", True)
+        and summary.get("push_identical", True)
+        and summary.get("failover_identical", True)
+    )
     return 0 if ok else 1
 
 

@@ -1,6 +1,7 @@
 """Swarm's Kademlia DHT over a ``p2p.Host``. Imports without torch or numpy.
 
-``DHT(host, DhtLimits(), identity=key_pair)``, ``await dht.start(bootstrap=[addr])``,
+``DHT(host, DhtLimits(), identity=key_pair)``, ``await dht.start(bootstrap=[addr])``
+(a server solves its identity proof-of-work there, ``DhtLimits.pow_difficulty``),
 then ``await dht.store(key, value, expiration, subkey=None)``, ``await dht.get(key)``
 and ``await dht.find_peers(target)``. The sans-IO cores (routing table, lookup,
 record store) are importable for simulations; ``SimNetwork`` runs thousands of nodes
@@ -15,6 +16,7 @@ from ._errors import (
     DHTError,
     DhtProtocolError,
     ExpiryTooFar,
+    InsufficientProofOfWork,
     MalformedRecord,
     NotBootstrapped,
     QuotaExceeded,
@@ -60,6 +62,7 @@ __all__ = [
     "DhtStats",
     "Entry",
     "ExpiryTooFar",
+    "InsufficientProofOfWork",
     "Lookup",
     "LookupReport",
     "MalformedRecord",

@@ -10,7 +10,9 @@
     │   ├── QuotaExceeded         the sending peer's storage quota is spent
     │   ├── StoreFull             the store (or the key) is full of entries that expire later
     │   ├── RateLimited           the peer sent requests faster than its rate limit
-    │   └── MalformedRecord       the record's fields have the wrong types
+    │   ├── MalformedRecord       the record's fields have the wrong types
+    │   └── InsufficientProofOfWork  the owner's (or sender's) identity proof-of-work is
+    │                             missing or weaker than ``DhtLimits.pow_difficulty``
     ├── DhtProtocolError          a peer sent a malformed DHT message (feeds its reputation)
     ├── StoreFailed               no node accepted a store
     ├── NotBootstrapped           the routing table is empty: nobody to ask
@@ -38,6 +40,7 @@ class RefusalCode(IntEnum):
     STORE_FULL = 7
     RATE_LIMITED = 8
     MALFORMED = 9
+    INSUFFICIENT_POW = 10
 
 
 class DHTError(Exception):
@@ -89,6 +92,10 @@ class MalformedRecord(RecordRejected):
     code = RefusalCode.MALFORMED
 
 
+class InsufficientProofOfWork(RecordRejected):
+    code = RefusalCode.INSUFFICIENT_POW
+
+
 _BY_CODE: dict[RefusalCode, type[RecordRejected]] = {
     cls.code: cls
     for cls in (
@@ -101,6 +108,7 @@ _BY_CODE: dict[RefusalCode, type[RecordRejected]] = {
         StoreFull,
         RateLimited,
         MalformedRecord,
+        InsufficientProofOfWork,
     )
 }
 

@@ -31,6 +31,12 @@ class DhtLimits:
     max_per_ip_group_in_lookup: int = 2
     exempt_private_addrs: bool = True
 
+    # identity proof-of-work (security.solve_pow)
+    pow_difficulty: int = 12
+    """Leading zero bits a peer's identity proof must have for it to enter our routing
+    table, answer our lookups, or own a sub-key we store. 12 bits cost about 5 ms of one
+    core; a public swarm should ask for ``security.DEFAULT_POW_DIFFICULTY`` (20, ~1 s)."""
+
     # records
     max_key_bytes: int = 512
     max_subkey_bytes: int = 512
@@ -65,6 +71,10 @@ class DhtLimits:
             if getattr(self, name) < 1:
                 value = getattr(self, name)
                 raise DhtConfigError(f"DhtLimits.{name} must be at least 1, got {value}")
+        if not 0 <= self.pow_difficulty <= 64:
+            raise DhtConfigError(
+                f"DhtLimits.pow_difficulty must be within 0..64 bits, got {self.pow_difficulty}"
+            )
         if self.disjoint_paths > self.k:
             raise DhtConfigError(
                 f"DhtLimits.disjoint_paths={self.disjoint_paths} cannot exceed k={self.k}"

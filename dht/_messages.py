@@ -1,10 +1,13 @@
 """DHT messages and their msgpack-ready wire form, sans-IO.
 
 A request is a map ``{"op": ..., ...}``; a node in server mode adds ``"from"``, the
-binary multiaddrs it listens on (a client leaves it out and never enters routing
-tables). Replies carry ``"peers"`` (``[peer id bytes, [multiaddr bytes, ...]]``), the
-``"entries"`` found (``[sub-key or nil, value, expiry, signature]``), the per-entry
-``"codes"`` of a store, or ``"refused"`` with a ``RefusalCode`` and a message.
+binary multiaddrs it listens on, and ``"pow"``, its identity proof-of-work nonce (a
+client leaves both out and never enters routing tables). Replies carry ``"pow"`` (the
+answering node's nonce: only a proven node takes part in lookups), ``"peers"``
+(``[peer id bytes, [multiaddr bytes, ...]]``), the ``"entries"`` found (``[sub-key or
+nil, value, expiry, signature, owner's pow nonce]``; a four-field entry has no nonce),
+the per-entry ``"codes"`` of a store, or ``"refused"`` with a ``RefusalCode`` and a
+message.
 
 Every decoder checks types and bounds and raises ``DhtProtocolError``: a peer's
 malformed message never becomes another exception on our side.
@@ -12,11 +15,12 @@ malformed message never becomes another exception on our side.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from security import InvalidPeerId, PeerId
+from security import MAX_NONCE_BYTES, InvalidPeerId, PeerId
 from transport import Multiaddr, MultiaddrError
 
 from ._contact import Contact
@@ -54,17 +58,34 @@ Request = Ping | FindNode | FindValue | Store
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An answer: contacts, entries found, per-entry store codes, or a refusal."""
+    """An answer: contacts, entries found, per-entry store codes, or a refusal.
+
+    ``proof`` is the answering node's identity proof-of-work nonce.
+    """
 
     peers: tuple[Contact, ...] = ()
     entries: tuple[Entry, ...] = ()
     codes: tuple[RefusalCode, ...] = ()
     refused: RefusalCode = RefusalCode.OK
     message: str = ""
+    proof: bytes = b""
 
 
-def encode_request(request: Request, own_addrs: tuple[Multiaddr, ...] | None) -> dict[str, Any]:
-    """The wire map of ``request``; ``own_addrs`` None means we are a client."""
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A decoded request and what its sender says of itself: the raw ``addrs`` it listens
+    on (None: a client) and its identity ``proof`` nonce."""
+
+    request: Request
+    addrs: Any
+    proof: bytes
+
+
+def encode_request(
+    request: Request, own_addrs: tuple[Multiaddr, ...] | None, proof: bytes = b""
+) -> dict[str, Any]:
+    """The wire map of ``request``; ``own_addrs`` None means we are a client (and then
+    ``proof``, our identity proof-of-work nonce, is left out too)."""
     match request:
         case Ping():
             message: dict[str, Any] = {"op": "ping"}
@@ -76,11 +97,13 @@ def encode_request(request: Request, own_addrs: tuple[Multiaddr, ...] | None) ->
             message = {"op": "store", "key": key, "entries": [_entry_fields(e) for e in entries]}
     if own_addrs is not None:
         message["from"] = [a.to_bytes() for a in own_addrs]
+        if proof:
+            message["pow"] = proof
     return message
 
 
 def _entry_fields(entry: Entry) -> list[Any]:
-    return [entry.subkey, entry.value, entry.expiry, entry.signature]
+    return [entry.subkey, entry.value, entry.expiry, entry.signature, entry.proof]
 
 
 def _bytes(value: Any, what: str, limit: int) -> bytes:
@@ -102,14 +125,17 @@ def _list(value: Any, what: str, limit: int) -> list[Any]:
 def _entries(key: bytes, value: Any, limits: DhtLimits) -> tuple[Entry, ...]:
     entries = []
     for item in _list(value, "entries", limits.max_entries_per_message):
-        fields = _list(item, "entry", 4)
-        if len(fields) != 4:
-            raise DhtProtocolError("an entry is [sub-key, value, expiry, signature]")
-        subkey, data, expiry, signature = fields
+        fields = _list(item, "entry", 5)
+        if len(fields) not in (4, 5):
+            raise DhtProtocolError("an entry is [sub-key, value, expiry, signature, pow nonce]")
+        subkey, data, expiry, signature = fields[:4]
+        proof = _bytes(fields[4], "pow nonce", MAX_NONCE_BYTES) if len(fields) == 5 else b""
         if subkey is not None:
             subkey = _bytes(subkey, "sub-key", limits.max_message_bytes)
         if not isinstance(expiry, float | int) or isinstance(expiry, bool):
             raise DhtProtocolError(f"expiry must be a number, got {type(expiry).__name__}")
+        if not math.isfinite(expiry):
+            raise DhtProtocolError(f"expiry must be a finite time, got {expiry}")
         entries.append(
             Entry(
                 key,
@@ -117,15 +143,22 @@ def _entries(key: bytes, value: Any, limits: DhtLimits) -> tuple[Entry, ...]:
                 _bytes(data, "value", limits.max_message_bytes),
                 float(expiry),
                 _bytes(signature, "signature", 1024),
+                proof,
             )
         )
     return tuple(entries)
+
+
+def _proof(message: dict[Any, Any]) -> bytes:
+    return _bytes(message.get("pow", b""), "pow nonce", MAX_NONCE_BYTES)
 
 
 def encode_reply(reply: Reply) -> dict[str, Any]:
     message: dict[str, Any] = {}
     if reply.refused is not RefusalCode.OK:
         return {"refused": int(reply.refused), "message": reply.message}
+    if reply.proof:
+        message["pow"] = reply.proof
     if reply.peers:
         message["peers"] = [
             [c.peer_id.to_bytes(), [a.to_bytes() for a in c.addrs]] for c in reply.peers
@@ -179,8 +212,9 @@ class Codec:
             self._contacts.popitem(last=False)
         return contact
 
-    def decode_request(self, message: Any) -> tuple[Request, Any]:
-        """Parse a request map: the request and the sender's raw addresses (None: a client).
+    def decode_request(self, message: Any) -> Inbound:
+        """Parse a request map: the request, the sender's raw addresses (None: a client)
+        and its proof-of-work nonce.
 
         The addresses are checked when the caller makes a contact of them (``contact``).
         """
@@ -200,7 +234,7 @@ class Codec:
             request = Store(key, _entries(key, message.get("entries"), limits))
         else:
             raise DhtProtocolError(f"unknown DHT operation {op!r}")
-        return request, message.get("from")
+        return Inbound(request, message.get("from"), _proof(message))
 
     def decode_reply(self, message: Any, *, key: bytes = b"") -> Reply:
         """Parse a reply map; ``key`` is the key asked for (entries travel without it)."""
@@ -219,4 +253,5 @@ class Codec:
             peers.append(self.contact(fields[0], fields[1]))
         entries = _entries(key, message.get("entries", []), limits)
         codes = _list(message.get("codes", []), "codes", limits.max_entries_per_message)
-        return Reply(tuple(peers), entries, tuple(_code(c) for c in codes))
+        codes_ = tuple(_code(c) for c in codes)
+        return Reply(tuple(peers), entries, codes_, proof=_proof(message))

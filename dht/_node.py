@@ -6,6 +6,12 @@ nodes nearest their key, caches found values on the nearest node that lacked the
 and keeps its table and records fresh with periodic bucket refreshes and republishes.
 Connections are the Host's: one per peer, reused by every request, so a handshake is
 paid once per peer and never per request.
+
+Membership costs an identity proof-of-work (``DhtLimits.pow_difficulty``): a server
+solves its own at ``start`` (cooperatively, in slices, so the loop keeps running; pass
+``proof=`` to reuse a stored one) and sends the nonce with every request and reply.
+Peers whose nonce falls short neither enter our routing table nor steer our lookups,
+and entries under their sub-keys are refused.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from p2p import Host, P2PError, RpcContext
-from security import KeyPair, PeerId
+from security import IdentityProof, KeyPair, PeerId, proof_bits, search_pow
 from transport import Multiaddr
 
 from ._contact import Contact, first_ip
@@ -69,6 +75,8 @@ class DhtStats:
     refusals: dict[str, int]
     routing_table_size: int
     rejected_by_diversity: int
+    rejected_by_pow: int
+    rejected_by_score: int
     records: int
     record_bytes: int
 
@@ -99,7 +107,9 @@ class DHT:
     ``server_mode=False`` makes a client: it asks but never answers and never enters
     anyone's routing table (for peers others cannot reach). ``identity`` is the
     Host's key pair, needed to sign sub-keys owned by this peer. ``clock`` gives the
-    Unix time that record expiries are compared with.
+    Unix time that record expiries are compared with. ``proof`` is this peer's
+    identity proof-of-work (solved at ``start`` when absent); ``score`` is the
+    routing table's reputation hook (``RoutingTable``).
     """
 
     def __init__(
@@ -112,11 +122,20 @@ class DHT:
         identity: KeyPair | None = None,
         validators: Iterable[RecordValidator] = (),
         rng: random.Random | None = None,
+        proof: IdentityProof | None = None,
+        score: Callable[[PeerId], float] | None = None,
     ) -> None:
         if identity is not None and identity.peer_id != host.peer_id:
             raise DhtConfigError(
                 f"identity {identity.peer_id} is not the Host's identity {host.peer_id}"
             )
+        if proof is not None:
+            bits = proof.difficulty(host.peer_id.public_key())
+            if bits < limits.pow_difficulty:
+                raise DhtConfigError(
+                    f"the identity proof given has {bits} bits, DhtLimits.pow_difficulty="
+                    f"{limits.pow_difficulty}; leave proof=None to have one solved at start"
+                )
         self.host = host
         self.limits = limits
         self.server_mode = server_mode
@@ -125,7 +144,12 @@ class DHT:
         self._clock = clock
         self._identity = identity
         self._rng = rng or random.Random()
-        self._core = DhtCore(host.peer_id, limits, now=clock(), validators=self.validators)
+        self._core = DhtCore(
+            host.peer_id, limits, now=clock(), validators=self.validators, score=score
+        )
+        self._proof = proof
+        if proof is not None:
+            self._core.proof = proof.nonce
         self._codec = Codec(limits)
         self._from: tuple[Multiaddr, ...] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -150,8 +174,26 @@ class DHT:
         """The routing table (read it; the node updates it)."""
         return self._core.table
 
+    @property
+    def identity_proof(self) -> IdentityProof | None:
+        """Our identity proof-of-work (None until ``start`` or a signed store solved it)."""
+        return self._proof
+
+    async def _solve_proof(self) -> IdentityProof:
+        """Our identity proof, solved in slices of nonces with the loop running in between."""
+        if self._proof is None:
+            public_key, difficulty = self.peer_id.public_key(), self.limits.pow_difficulty
+            start, step = 0, 1 << 12
+            while (proof := search_pow(public_key, difficulty, start, step)) is None:
+                start += step
+                await asyncio.sleep(0)
+            self._proof = proof
+            self._core.proof = proof.nonce
+        return self._proof
+
     async def start(self, bootstrap: Iterable[Multiaddr | str] = ()) -> None:
-        """Serve requests (server mode), join through ``bootstrap``, start maintenance.
+        """Solve our proof-of-work and serve requests (server mode), join through
+        ``bootstrap``, start maintenance.
 
         Raises ``NotBootstrapped`` when bootstrap addresses were given and none answered.
         """
@@ -159,6 +201,7 @@ class DHT:
             raise DhtConfigError("this DHT is already started")
         self._running = True
         if self.server_mode:
+            await self._solve_proof()
             self.host.add_rpc_handler(PROTOCOL_ID, self._serve)
         self._spawn(self._maintain())
         addrs = [Multiaddr.from_string(a) if isinstance(a, str) else a for a in bootstrap]
@@ -207,8 +250,10 @@ class DHT:
                 continue
             contact = Contact(peer, (addr.without_p2p(),))
             reply = await self._request(contact, Ping())
-            if reply is None or reply.refused is not RefusalCode.OK:
+            if reply is None:
                 failures.append(f"{addr}: no answer to a DHT ping")
+            elif reply.refused is not RefusalCode.OK:
+                failures.append(f"{addr}: refused ({reply.refused.name}): {reply.message}")
         if not len(self._core.table):
             raise NotBootstrapped(
                 "no bootstrap peer answered: " + ("; ".join(failures) or "no addresses given")
@@ -252,7 +297,7 @@ class DHT:
             answer = await self.host.rpc_call(
                 peer,
                 PROTOCOL_ID,
-                encode_request(request, self._own_addrs()),
+                encode_request(request, self._own_addrs(), self._core.proof),
                 timeout=self.limits.rpc_timeout_s,
             )
             reply = self._codec.decode_reply(answer.value, key=key)
@@ -261,22 +306,34 @@ class DHT:
             self._failed += 1
             self._core.table.failed(peer)
             return None
-        if reply.refused is RefusalCode.OK:
-            self._seen(contact)
+        if reply.refused is not RefusalCode.OK:
+            return reply
+        if not self._core.proven(peer, reply.proof):
+            self._core.rejected_by_pow += 1
+            self._core.table.remove(peer)
+            bits = proof_bits(peer.public_key(), reply.proof)
+            return Reply(
+                refused=RefusalCode.INSUFFICIENT_POW,
+                message=f"{peer} answered with an identity proof-of-work of {bits} bits, "
+                f"DhtLimits.pow_difficulty={self.limits.pow_difficulty} is required",
+            )
+        self._seen(contact)
         return reply
 
     async def _serve(self, ctx: RpcContext, message: Any, payload: memoryview | None) -> Any:
         try:
-            request, addrs = self._codec.decode_request(message)
+            inbound = self._codec.decode_request(message)
             sender = None
-            if addrs is not None:
+            if inbound.addrs is not None:
                 observed = [first_ip((c.remote_addr,)) for c in self.host.connections(ctx.peer)]
                 ip = next((ip for ip in observed if ip), None)
-                sender = self._codec.contact(ctx.peer.to_bytes(), addrs, ip)
+                sender = self._codec.contact(ctx.peer.to_bytes(), inbound.addrs, ip)
         except DhtProtocolError as exc:
             self._core.refusals[RefusalCode.MALFORMED] += 1
             return encode_reply(Reply(refused=RefusalCode.MALFORMED, message=str(exc)))
-        reply, update = self._core.handle(sender, ctx.peer, request, self._clock())
+        reply, update = self._core.handle(
+            sender, ctx.peer, inbound.request, self._clock(), inbound.proof
+        )
         if update is not None and update.ping is not None:
             self._spawn(self._check(update.ping))
         return encode_reply(reply)
@@ -359,7 +416,9 @@ class DHT:
 
     # -- records -------------------------------------------------------------------------
 
-    def _entry(self, key: bytes, value: bytes, expiration: float, subkey: bytes | None) -> Entry:
+    async def _entry(
+        self, key: bytes, value: bytes, expiration: float, subkey: bytes | None
+    ) -> Entry:
         owner = owner_of(subkey)
         if owner is None:
             return Entry(key, subkey, bytes(value), float(expiration))
@@ -371,19 +430,23 @@ class DHT:
             raise DhtConfigError(
                 "storing under our own PeerID needs DHT(..., identity=<the Host's KeyPair>)"
             )
-        return sign_entry(self._identity, key, bytes(value), float(expiration), subkey=subkey)
+        proof = await self._solve_proof()
+        return sign_entry(
+            self._identity, key, bytes(value), float(expiration), subkey=subkey, proof=proof
+        )
 
     async def store(
         self, key: Key, value: bytes, expiration: float, subkey: SubKey | None = None
     ) -> int:
         """Store ``value`` under ``key`` (and ``subkey``) until ``expiration`` (Unix time).
 
-        A sub-key equal to our own PeerID is signed with ``identity``; nobody else can
-        overwrite it. Returns how many nodes accepted the record; raises the matching
-        ``RecordRejected`` subclass when the record breaks a bound, ``StoreFailed``
-        when no node accepted it. The record is republished until it expires.
+        A sub-key equal to our own PeerID is signed with ``identity`` and carries our
+        identity proof-of-work; nobody else can overwrite it. Returns how many nodes
+        accepted the record; raises the matching ``RecordRejected`` subclass when the
+        record breaks a bound, ``StoreFailed`` when no node accepted it. The record is
+        republished until it expires.
         """
-        entry = self._entry(_key_bytes(key), value, expiration, _subkey_bytes(subkey))
+        entry = await self._entry(_key_bytes(key), value, expiration, _subkey_bytes(subkey))
         self._core.store.check(entry, self._clock())
         accepted = await self._replicate(entry.key, [entry], include_self=True)
         self._published[entry.cell] = entry
@@ -498,6 +561,8 @@ class DHT:
             refusals={code.name: count for code, count in core.refusals.items()},
             routing_table_size=len(core.table),
             rejected_by_diversity=core.table.rejected_by_diversity,
+            rejected_by_pow=core.rejected_by_pow,
+            rejected_by_score=core.table.rejected_by_score,
             records=len(core.store),
             record_bytes=core.store.size_bytes,
         )

@@ -3,8 +3,11 @@
 An ``Entry`` is one (key, sub-key, value, expiry) cell; the plain value of a key is the
 entry whose sub-key is None. A sub-key that parses as a PeerID is *owned*: its entry
 must carry that peer's Ed25519 signature over the domain string, key, sub-key, value
-and expiry, so nobody else can write, forge or move it. This is how "block 7 of model
-M" lists every server hosting it, each server writing only its own line.
+and expiry, so nobody else can write, forge or move it, and the owner's identity
+proof-of-work nonce (``security.solve_pow``; bound to the key, so it is carried, not
+signed), so that a sub-key costs its owner an identity that cost work. This is how
+"block 7 of model M" lists every server hosting it, each server writing only its own
+line.
 
 Validators form a chain: every validator must accept an entry, and the first one with
 an opinion chooses between two versions of the same cell; without one, the later
@@ -18,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from security import InvalidPeerId, KeyPair, PeerId, verify_signature
+from security import IdentityProof, InvalidPeerId, KeyPair, PeerId, verify_signature
 
 from ._errors import BadSignature
 
@@ -35,19 +38,25 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored cell: ``subkey`` None is the key's plain value."""
+    """One stored cell: ``subkey`` None is the key's plain value.
+
+    ``proof`` is the owner's identity proof-of-work nonce for an owned sub-key (empty
+    for other cells).
+    """
 
     key: bytes
     subkey: bytes | None
     value: bytes
     expiry: float
     signature: bytes = b""
+    proof: bytes = b""
 
     @property
     def size(self) -> int:
         """Bytes this entry costs in a store (fields plus a fixed overhead)."""
         subkey = len(self.subkey) if self.subkey is not None else 0
-        return len(self.key) + subkey + len(self.value) + len(self.signature) + 16
+        fields = len(self.value) + len(self.signature) + len(self.proof)
+        return len(self.key) + subkey + fields + 16
 
     @property
     def cell(self) -> tuple[bytes, bytes | None]:
@@ -75,12 +84,19 @@ def signing_input(key: bytes, subkey: bytes | None, value: bytes, expiry: float)
 
 
 def sign_entry(
-    identity: KeyPair, key: bytes, value: bytes, expiry: float, *, subkey: bytes | None = None
+    identity: KeyPair,
+    key: bytes,
+    value: bytes,
+    expiry: float,
+    *,
+    subkey: bytes | None = None,
+    proof: IdentityProof | None = None,
 ) -> Entry:
-    """An entry signed by ``identity``; the sub-key defaults to the identity's own PeerID."""
+    """An entry signed by ``identity``, carrying its identity ``proof`` when given; the
+    sub-key defaults to the identity's own PeerID."""
     cell = identity.peer_id.to_bytes() if subkey is None else subkey
     signature = identity.sign(signing_input(key, cell, value, expiry))
-    return Entry(key, cell, value, expiry, signature)
+    return Entry(key, cell, value, expiry, signature, proof.nonce if proof is not None else b"")
 
 
 class RecordValidator(Protocol):

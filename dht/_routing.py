@@ -6,6 +6,12 @@ answers "ping X first" (``Update.ping``), and the shell reports back with
 ``ping_result``; only a contact that failed is replaced, by the most recently seen
 replacement. IP-group caps (per bucket and per table) keep one operator from filling
 the table with cheap identities. ``now`` is always an argument.
+
+An optional ``score`` (a reputation hook, e.g. ``ReputationBook.contact_score``) ranks
+peers: one scoring below 0 is refused (and evicted at once when a newcomer needs its
+slot), a full bucket pings its lowest-scoring contact first (the least recently seen
+among equals), and a freed slot goes to the best-scoring replacement (the most
+recently seen among equals). Without it the table is plain Kademlia.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,7 +40,8 @@ class Admission(Enum):
     CACHED = "cached"
     """Its bucket is full: it waits in the replacement cache."""
     REJECTED = "rejected"
-    """Its IP group already has as many slots as the caps allow (or it is ourselves)."""
+    """Its IP group already has as many slots as the caps allow, its score is below 0, or
+    it is ourselves."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +67,20 @@ class _Bucket:
 class RoutingTable:
     """k-buckets around ``local``, with replacement caches and IP-diversity caps."""
 
-    def __init__(self, local: PeerId, limits: DhtLimits, *, now: float) -> None:
+    def __init__(
+        self,
+        local: PeerId,
+        limits: DhtLimits,
+        *,
+        now: float,
+        score: Callable[[PeerId], float] | None = None,
+    ) -> None:
         self.local_peer = local
         self.local_id = node_id(local)
         self.limits = limits
+        self.score = score
         self.rejected_by_diversity = 0
+        self.rejected_by_score = 0
         self._created = now
         self._buckets: dict[int, _Bucket] = {}
         self._all: dict[int, Contact] = {}
@@ -138,6 +154,11 @@ class RoutingTable:
                 bucket.contacts[ident] = self._all[ident] = contact
             bucket.contacts.move_to_end(ident)
             return Update(Admission.REFRESHED)
+        score = self.score
+        if score is not None and score(contact.peer_id) < 0:
+            bucket.replacements.pop(ident, None)
+            self.rejected_by_score += 1
+            return Update(Admission.REJECTED)
         if not self._allows(bucket, self._group(contact)):
             bucket.replacements.pop(ident, None)
             self.rejected_by_diversity += 1
@@ -150,11 +171,17 @@ class RoutingTable:
         bucket.replacements[ident] = contact
         while len(bucket.replacements) > self.limits.replacement_cache_size:
             bucket.replacements.popitem(last=False)
+        if score is not None:
+            weakest = min(bucket.contacts.values(), key=lambda c: score(c.peer_id))
+            if score(weakest.peer_id) < 0:
+                self.remove(weakest.peer_id)
+                return Update(Admission.ADDED if ident in self._all else Admission.CACHED)
+        else:
+            weakest = next(iter(bucket.contacts.values()))
         if bucket.pinging is not None:
             return Update(Admission.CACHED)
-        oldest = next(iter(bucket.contacts.values()))
-        bucket.pinging = oldest.node_id
-        return Update(Admission.CACHED, ping=oldest)
+        bucket.pinging = weakest.node_id
+        return Update(Admission.CACHED, ping=weakest)
 
     def ping_result(self, peer_id: PeerId, alive: bool, now: float) -> None:
         """The shell's answer to ``Update.ping``: keep ``peer_id`` if alive, else replace it."""
@@ -204,7 +231,12 @@ class RoutingTable:
                 self._groups[group] = remaining
             else:
                 del self._groups[group]
-        for candidate in reversed(list(bucket.replacements.values())):
+        candidates = list(reversed(bucket.replacements.values()))
+        if self.score is not None:
+            score = self.score
+            candidates = [c for c in candidates if score(c.peer_id) >= 0]
+            candidates.sort(key=lambda c: score(c.peer_id), reverse=True)
+        for candidate in candidates:
             if self._allows(bucket, self._group(candidate)):
                 del bucket.replacements[candidate.node_id]
                 self._insert(bucket, candidate)

@@ -6,7 +6,9 @@ call to the destination's ``DhtCore.handle``, a dead node is one that does not a
 and time is ``SimNetwork.now``, advanced by the caller. The queries of one lookup
 round are answered one after another before the next round, as parallel replies
 would be. Tests use it to check routing, churn and attacks at scale; the benchmark
-uses it for 1,000 and 2,000 nodes.
+uses it for 1,000 and 2,000 nodes. Every node pays its identity proof-of-work at
+``DhtLimits.pow_difficulty`` (pass ``proof=`` to ``add_node`` to model one that did
+not), and replies are checked for it as the real node checks them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from security import PeerId
+from security import PeerId, solve_pow
 
 from ._contact import Contact
 from ._core import DhtCore
@@ -65,10 +67,18 @@ class SimNetwork:
         peer_id: PeerId | None = None,
         ip: str | None = None,
         behaviour: Behaviour | None = None,
+        proof: bytes | None = None,
     ) -> PeerId:
-        """Create a node and join it through ``bootstrap``: ping, self-lookup, refresh."""
+        """Create a node and join it through ``bootstrap``: ping, self-lookup, refresh.
+
+        ``proof`` is its identity proof-of-work nonce; None solves one.
+        """
         peer = peer_id or self.new_peer_id()
-        self.cores[peer] = DhtCore(peer, self.limits, now=self.now, validators=self.validators)
+        core = DhtCore(peer, self.limits, now=self.now, validators=self.validators)
+        if proof is None:
+            proof = solve_pow(peer.public_key(), self.limits.pow_difficulty).nonce
+        core.proof = proof
+        self.cores[peer] = core
         self.contacts[peer] = Contact(peer, (), ip)
         self.alive.add(peer)
         if behaviour is not None:
@@ -79,7 +89,8 @@ class SimNetwork:
 
     def join(self, peer: PeerId, bootstrap: PeerId) -> None:
         table = self.cores[peer].table
-        if self.call(peer, self.contacts[bootstrap], Ping()) is not None:
+        reply = self.call(peer, self.contacts[bootstrap], Ping())
+        if reply is not None and reply.refused is RefusalCode.OK:
             self._seen(peer, self.contacts[bootstrap])
         self.lookup(peer, node_id(peer))
         for target in table.refresh_targets(self.now, self.rng, force=True):
@@ -97,17 +108,26 @@ class SimNetwork:
             return None
         behaviour = self.behaviours.get(target)
         if behaviour is not None:
-            return behaviour(self, target, request)
-        core = self.cores[target]
-        sender = self.contacts[src] if src in self.alive else None
-        reply, update = core.handle(sender, src, request, self.now)
-        if update is not None and update.ping is not None:
-            self._ping(target, update.ping)
+            reply = behaviour(self, target, request)
+        else:
+            core = self.cores[target]
+            sender = self.contacts[src] if src in self.alive else None
+            proof = self.cores[src].proof
+            reply, update = core.handle(sender, src, request, self.now, proof)
+            if update is not None and update.ping is not None:
+                self._ping(target, update.ping)
+        local = self.cores[src]
+        if reply.refused is RefusalCode.OK and not local.proven(target, reply.proof):
+            local.rejected_by_pow += 1
+            local.table.remove(target)
+            return Reply(refused=RefusalCode.INSUFFICIENT_POW)
         return reply
 
     def _ping(self, src: PeerId, contact: Contact) -> None:
         self.messages += 1
         alive = contact.peer_id in self.alive
+        if alive:
+            alive = self.cores[src].proven(contact.peer_id, self.cores[contact.peer_id].proof)
         self.cores[src].table.ping_result(contact.peer_id, alive, self.now)
 
     def _seen(self, peer: PeerId, contact: Contact) -> None:

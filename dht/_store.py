@@ -2,7 +2,8 @@
 
 Sans-IO: ``now`` is an argument. A store is refused (a ``RecordRejected`` subclass
 carrying its ``RefusalCode``, counted in ``refusals``) when the entry is oversized,
-expired, expires too far ahead, is badly signed, is not newer than the version held,
+expired, expires too far ahead, lacks its owner's proof-of-work, is badly signed, is
+not newer than the version held,
 would overrun the sender's quota or the key's size, or when the store is full of
 entries that all expire later. Otherwise the store makes room by evicting the entries
 that expire soonest. Requests are rate-limited per peer by token buckets.
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from security import PeerId
+from security import PeerId, proof_bits
 
 from ._errors import (
     ExpiryTooFar,
+    InsufficientProofOfWork,
     QuotaExceeded,
     RateLimited,
     RecordExpired,
@@ -30,7 +33,7 @@ from ._errors import (
     StoreFull,
 )
 from ._limits import DhtLimits
-from ._records import Entry, ValidatorChain
+from ._records import Entry, ValidatorChain, owner_of
 
 
 class RateLimiter:
@@ -96,7 +99,7 @@ class RecordStore:
             )
 
     def check(self, entry: Entry, now: float) -> None:
-        """The checks that need no stored state: size, expiry, validators."""
+        """The checks that need no stored state: size, expiry, proof-of-work, validators."""
         limits = self.limits
         if len(entry.key) > limits.max_key_bytes:
             raise RecordTooLarge(
@@ -113,6 +116,8 @@ class RecordStore:
                 f"record of {entry.size} bytes exceeds "
                 f"DhtLimits.max_record_bytes={limits.max_record_bytes}"
             )
+        if not math.isfinite(entry.expiry):
+            raise RecordExpired(f"record expiry {entry.expiry} is not a finite time")
         if entry.expiry <= now:
             raise RecordExpired(f"record expired {now - entry.expiry:.1f} s ago")
         if entry.expiry > now + limits.max_expiry_s:
@@ -120,6 +125,15 @@ class RecordStore:
                 f"record expires in {entry.expiry - now:.0f} s, beyond "
                 f"DhtLimits.max_expiry_s={limits.max_expiry_s:.0f}"
             )
+        owner = owner_of(entry.subkey)
+        if owner is not None and limits.pow_difficulty:
+            bits = proof_bits(owner.public_key(), entry.proof)
+            if bits < limits.pow_difficulty:
+                raise InsufficientProofOfWork(
+                    f"sub-key owner {owner}'s identity proof-of-work has {bits} leading zero "
+                    f"bits, DhtLimits.pow_difficulty={limits.pow_difficulty} is required; "
+                    "store through a DHT whose identity proof meets it"
+                )
         self.validators.validate(entry)
 
     def valid(self, entries: Iterable[Entry], now: float) -> list[Entry]:

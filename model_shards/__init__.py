@@ -4,46 +4,72 @@ KV caches, the tensor wire format and model manifests. Needs the ``model`` extra
 
 The networking side, on the p2p Host and the DHT: ``ShardServer``/``ServerNode`` serve a
 span; ``DistributedModelForCausalLM`` generates through a chain of servers.
+
+Names load on first use (PEP 562): ``import model_shards`` costs nothing, and the parts
+that need no torch (``_announce``, the errors and limits that ``swarm status`` reads)
+never import it.
 """
 
-import inspect
+from __future__ import annotations
 
-from ._cache import CachePool, CacheReservation
-from ._checkpoint import Checkpoint, resolve_checkpoint_dir
-from ._client import DistributedModelForCausalLM
-from ._client_runtime import SwarmClient
-from ._ends import ModelEnds, load_model_ends
-from ._errors import (
-    BadRequest,
-    CacheFull,
-    CheckpointError,
-    InvalidShape,
-    MalformedTensor,
-    ManifestMismatch,
-    SessionClosed,
-    ShardError,
-    TensorTooLarge,
-    TooLong,
-    UnknownModelFamily,
-    WrongDtype,
-)
-from ._limits import CacheLimits, RequestLimits, WireLimits
-from ._manifest import Manifest, compute_manifest, load_manifest
-from ._progress import Progress, tqdm_progress
-from ._quant import Quantization, quantize_linears
-from ._server import ShardServer
-from ._server_errors import (
-    BlockNotServed,
-    ServerError,
-    ServerShuttingDown,
-    SessionTimeout,
-    UnknownSession,
-)
-from ._server_limits import ClientLimits, ServerLimits
-from ._server_node import ServerConfig, ServerNode
-from ._span import InferenceSession, Span, load_span
-from ._wire import Compression, decode_tensor, encode_tensor, serialize_tensor
-from .families import FAMILIES, ModelFamily, family_for
+import importlib
+import inspect
+from typing import Any
+
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "_cache": ("CachePool", "CacheReservation"),
+    "_checkpoint": ("Checkpoint", "resolve_checkpoint_dir"),
+    "_client": ("DistributedModelForCausalLM",),
+    "_client_errors": ("FailoverFailed",),
+    "_client_runtime": ("SwarmClient",),
+    "_client_session": ("ChainSession", "Failover"),
+    "_client_timing": ("TokenClock",),
+    "_ends": ("ModelEnds", "load_model_ends"),
+    "_errors": (
+        "BadRequest",
+        "CacheFull",
+        "CheckpointError",
+        "InvalidShape",
+        "MalformedTensor",
+        "ManifestMismatch",
+        "SessionClosed",
+        "ShardError",
+        "TensorTooLarge",
+        "TooLong",
+        "UnknownModelFamily",
+        "WrongDtype",
+    ),
+    "_limits": ("CacheLimits", "RequestLimits", "WireLimits"),
+    "_manifest": ("Manifest", "compute_manifest", "load_manifest"),
+    "_progress": ("Progress", "tqdm_progress"),
+    "_quant": ("Quantization", "QuantizedExperts", "quantize_linears"),
+    "_server": ("ShardServer",),
+    "_server_errors": (
+        "BlockNotServed",
+        "PushNotAllowed",
+        "ServerError",
+        "ServerShuttingDown",
+        "SessionTimeout",
+        "UnknownSession",
+    ),
+    "_server_limits": ("ClientLimits", "ServerLimits"),
+    "_server_node": ("Move", "PlacementLimits", "ServerConfig", "ServerNode"),
+    "_spotcheck": (
+        "SpotCheck",
+        "SpotCheckSettings",
+        "SpotCheckStats",
+        "SpotChecker",
+        "Verdict",
+        "choose_checkers",
+        "detection_bound",
+    ),
+    "_tolerance": ("Discrepancy", "Precision", "Tolerance", "discrepancy", "tolerance_for"),
+    "_span": ("InferenceSession", "Span", "load_span", "respan"),
+    "_wire": ("Compression", "decode_tensor", "encode_tensor", "serialize_tensor"),
+    "families": ("FAMILIES", "ModelFamily", "family_for"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+_MODEL_EXTRA = frozenset({"torch", "transformers", "bitsandbytes", "safetensors", "tqdm"})
 
 __all__ = [
     "FAMILIES",
@@ -53,11 +79,15 @@ __all__ = [
     "CacheLimits",
     "CachePool",
     "CacheReservation",
+    "ChainSession",
     "Checkpoint",
     "CheckpointError",
     "ClientLimits",
     "Compression",
+    "Discrepancy",
     "DistributedModelForCausalLM",
+    "Failover",
+    "FailoverFailed",
     "InferenceSession",
     "InvalidShape",
     "MalformedTensor",
@@ -65,8 +95,13 @@ __all__ = [
     "ManifestMismatch",
     "ModelEnds",
     "ModelFamily",
+    "Move",
+    "PlacementLimits",
+    "Precision",
     "Progress",
+    "PushNotAllowed",
     "Quantization",
+    "QuantizedExperts",
     "RequestLimits",
     "ServerConfig",
     "ServerError",
@@ -78,15 +113,25 @@ __all__ = [
     "ShardError",
     "ShardServer",
     "Span",
+    "SpotCheck",
+    "SpotCheckSettings",
+    "SpotCheckStats",
+    "SpotChecker",
     "SwarmClient",
     "TensorTooLarge",
+    "TokenClock",
+    "Tolerance",
     "TooLong",
     "UnknownModelFamily",
     "UnknownSession",
+    "Verdict",
     "WireLimits",
     "WrongDtype",
+    "choose_checkers",
     "compute_manifest",
     "decode_tensor",
+    "detection_bound",
+    "discrepancy",
     "encode_tensor",
     "family_for",
     "load_manifest",
@@ -94,11 +139,31 @@ __all__ = [
     "load_span",
     "quantize_linears",
     "resolve_checkpoint_dir",
+    "respan",
     "serialize_tensor",
+    "tolerance_for",
     "tqdm_progress",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or inspect.isfunction(_obj):
-        _obj.__module__ = __name__
+
+def __getattr__(name: str) -> Any:
+    module_name = _MODULE_OF.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as e:
+        if e.name not in _MODEL_EXTRA:
+            raise
+        raise ModuleNotFoundError(
+            f"model_shards.{name} needs {e.name}: pip install 'swarm[model]'", name=e.name
+        ) from e
+    obj = getattr(module, name)
+    if isinstance(obj, type) or inspect.isfunction(obj):
+        obj.__module__ = __name__
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

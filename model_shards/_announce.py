@@ -10,6 +10,11 @@ Sub-keys are the servers' PeerIDs, so each entry is signed by its server and nob
 can write or forge it (``dht._records``). Records expire after ``ServerLimits.record_ttl_s``
 and are refreshed every ``announce_interval_s``; a newer announcement always carries a
 later expiry, which is how the DHT picks it over an older copy.
+
+A ``ServerRecord`` may carry two optional fields, written only when set (records without
+them parse as before): ``rtts``, the round trips the server measured to other servers of
+the model (routing uses them between hops), and ``moving_to``, the span a rebalancing
+server is loading while it still serves its own (stored under the blocks of both).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -35,6 +40,8 @@ _log = logging.getLogger("model_shards.announce")
 RECORD_VERSION = 1
 MODELS_KEY = b"swarm/v1/models"
 _MAX_ADDRS = 16
+MAX_RTTS = 32
+"""Most round trips a record carries (a reader keeps the first ``MAX_RTTS``)."""
 
 
 def block_key(model_id: str, index: int) -> bytes:
@@ -61,20 +68,38 @@ class ServerRecord:
     quantization: str
     dtype: str
     addrs: tuple[Multiaddr, ...]
+    rtts: Mapping[PeerId, float] = field(default_factory=dict, hash=False)
+    """Round trips (seconds) this server measured to other servers of the model, nearest
+    or adjacent first (at most ``MAX_RTTS``); on the wire in milliseconds, optional."""
+    moving_to: tuple[int, int] | None = None
+    """While the server loads another span to move to (rebalancing): that span. It still
+    serves ``[start, end)`` meanwhile; placement counts it on ``moving_to`` already."""
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": RECORD_VERSION,
-                "state": self.state.value,
-                "span": [self.start, self.end],
-                "throughput": float(self.throughput),
-                "cache_tokens_left": self.cache_tokens_left,
-                "quantization": self.quantization,
-                "dtype": self.dtype,
-                "addrs": [addr.to_bytes() for addr in self.addrs[:_MAX_ADDRS]],
-            }
-        )
+        raw: dict[str, object] = {
+            "v": RECORD_VERSION,
+            "state": self.state.value,
+            "span": [self.start, self.end],
+            "throughput": float(self.throughput),
+            "cache_tokens_left": self.cache_tokens_left,
+            "quantization": self.quantization,
+            "dtype": self.dtype,
+            "addrs": [addr.to_bytes() for addr in self.addrs[:_MAX_ADDRS]],
+        }
+        if self.rtts:
+            rtts = list(self.rtts.items())[:MAX_RTTS]
+            raw["rtts"] = {peer.to_bytes(): round(rtt * 1e3, 3) for peer, rtt in rtts}
+        if self.moving_to is not None:
+            raw["moving"] = list(self.moving_to)
+        return msgpack.packb(raw)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Every block this record is stored under: its span, and the one it moves to."""
+        blocks = set(range(self.start, self.end))
+        if self.moving_to is not None:
+            blocks.update(range(*self.moving_to))
+        return tuple(sorted(blocks))
 
     @classmethod
     def from_bytes(cls, peer_id: PeerId, data: bytes) -> ServerRecord:
@@ -94,11 +119,22 @@ class ServerRecord:
                 quantization=str(raw["quantization"]),
                 dtype=str(raw["dtype"]),
                 addrs=tuple(Multiaddr.from_bytes(a) for a in raw["addrs"][:_MAX_ADDRS]),
+                rtts=_rtts(raw.get("rtts", {})),
+                moving_to=_span(raw["moving"]) if "moving" in raw else None,
             )
-        except (ValueError, TypeError, KeyError, MultiaddrError, msgpack.UnpackException) as e:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            MultiaddrError,
+            InvalidPeerId,
+            msgpack.UnpackException,
+        ) as e:
             raise InvalidRecord(f"announcement of {peer_id} is malformed: {e!r}") from e
         if not 0 <= record.start < record.end or not math.isfinite(record.throughput):
             raise InvalidRecord(f"announcement of {peer_id} has span/throughput out of range")
+        if record.moving_to is not None and not 0 <= record.moving_to[0] < record.moving_to[1]:
+            raise InvalidRecord(f"announcement of {peer_id} moves to an empty span")
         return record
 
     def server_info(self) -> ServerInfo:
@@ -112,7 +148,16 @@ class ServerRecord:
             cache_tokens_left=max(0, self.cache_tokens_left),
             quantization=self.quantization,
             dtype=self.dtype,
+            rtts={str(peer): rtt for peer, rtt in self.rtts.items()},
         )
+
+    def planning_info(self) -> ServerInfo:
+        """This server as placement and rebalancing see it: a server that is moving
+        counts as joining its new span (its blocks are taken), no longer on its old one."""
+        if self.moving_to is None:
+            return self.server_info()
+        start, end = self.moving_to
+        return replace(self.server_info(), start=start, end=end, state=ServerState.JOINING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +209,26 @@ def _int(value: object) -> int:
     return value
 
 
+def _span(value: object) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise InvalidRecord(f"{value!r} is not a span [start, end]")
+    return _int(value[0]), _int(value[1])
+
+
+def _rtts(value: object) -> dict[PeerId, float]:
+    """Round trips in milliseconds by PeerID bytes, as seconds by PeerID (first MAX_RTTS)."""
+    if not isinstance(value, dict):
+        raise InvalidRecord(f"rtts must be a map, got {type(value).__name__}")
+    rtts = {}
+    for peer, ms in list(value.items())[:MAX_RTTS]:
+        if not isinstance(peer, bytes) or type(ms) not in (int, float):
+            raise InvalidRecord(f"rtts entry {peer!r}: {ms!r} is not PeerID bytes: milliseconds")
+        if not (math.isfinite(ms) and ms >= 0):
+            raise InvalidRecord(f"rtt of {ms!r} ms is out of range")
+        rtts[PeerId.from_bytes(peer)] = ms / 1e3
+    return rtts
+
+
 def _owned(found: Record | dict[bytes, Record] | None) -> dict[PeerId, Record]:
     if not isinstance(found, dict):
         return {}
@@ -209,10 +274,22 @@ async def read_models(dht: DHT) -> dict[str, ModelRecord]:
 
 
 def snapshot_of(
-    num_blocks: int, servers: Iterable[ServerRecord], *, keep: Callable[[ServerRecord], bool]
+    num_blocks: int,
+    servers: Iterable[ServerRecord],
+    *,
+    keep: Callable[[ServerRecord], bool],
+    planning: bool = False,
 ) -> SwarmSnapshot:
-    """The scheduler's view of the servers ``keep`` accepts (spans beyond the model dropped)."""
-    infos = [s.server_info() for s in servers if s.end <= num_blocks and keep(s)]
+    """The scheduler's view of the servers ``keep`` accepts (spans beyond the model dropped).
+
+    Routing sees what each server serves now (``server_info``); with ``planning=True``,
+    placement and rebalancing see a moving server on its new span (``planning_info``).
+    """
+    infos = [
+        s.planning_info() if planning else s.server_info()
+        for s in servers
+        if max(s.blocks) < num_blocks and keep(s)
+    ]
     return SwarmSnapshot(num_blocks, tuple(infos))
 
 
@@ -253,14 +330,16 @@ class Announcer:
             self.dht.store(MODELS_KEY, self.model.to_bytes(), expiry, subkey=me),
             *(
                 self.dht.store(block_key(self.model.model_id, i), value, expiry, subkey=me)
-                for i in range(record.start, record.end)
+                for i in record.blocks
             ),
         )
+        moving = "" if record.moving_to is None else f" moving to {list(record.moving_to)}"
         _log.info(
-            "announced %s blocks [%d, %d) of %s",
+            "announced %s blocks [%d, %d)%s of %s",
             state.value,
             record.start,
             record.end,
+            moving,
             self.model.display_name,
         )
         return record

@@ -11,6 +11,12 @@ each forward sends only the tokens the session does not hold yet. The session re
 tokens it was given, so successive ``generate`` calls inside one session continue it, and an
 input that departs from them (a changed prompt, a reordered beam) rolls the servers back to
 the common prefix: the result is always what the whole model would give.
+
+Spot-checks (``_spotcheck``): a share ``spot_check_rate`` of every hop's steps (1.0:
+paranoid) is re-run on independent servers; a hop caught cheating is banned, its output
+replaced by the majority's before any token is drawn from it, and its blocks failed over.
+Outcomes go to the model's ``ReputationBook`` (``book``), kept at ``reputation_path``
+across runs when one is given.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ from torch.nn import functional
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from security import PeerId
+from security import PeerId, ReputationBook
 from transport import Multiaddr
 
 from ._announce import ServerRecord
 from ._checkpoint import Checkpoint
-from ._client_chain import ChainSession, ChainTrace, RemoteChain
+from ._client_chain import ChainTrace, Hop, RemoteChain
 from ._client_runtime import SwarmClient
+from ._client_session import ChainSession, Failover
 from ._ends import ModelEnds, load_model_ends
 from ._errors import TooLong
 from ._manifest import Manifest, load_manifest
 from ._server_limits import ClientLimits
+from ._spotcheck import DEFAULT_RATE, SpotCheck, SpotChecker, SpotCheckSettings
 from ._wire import Compression
 
 
@@ -53,6 +61,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         manifest: Manifest,
         client: SwarmClient,
         chain: RemoteChain,
+        *,
+        checker: SpotChecker | None = None,
+        book: ReputationBook | None = None,
+        reputation_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(config)
         self.post_init()
@@ -60,6 +72,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.manifest = manifest
         self.client = client
         self.chain = chain
+        self.checker = checker
+        """Spot-checks the steps of inference sessions (None: checks off)."""
+        self.book = ReputationBook() if book is None else book
+        """What this client learnt of the servers (saved at ``reputation_path`` on close)."""
+        self._reputation_path = reputation_path
         self._session: RemoteInferenceSession | None = None
 
     @classmethod
@@ -74,6 +91,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         compression: Compression | str = Compression.NONE,
         limits: ClientLimits | None = None,
         client: SwarmClient | None = None,
+        spot_check_rate: float = DEFAULT_RATE,
+        reputation_path: str | os.PathLike[str] | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the model's ends from a local checkpoint and join the swarm as a client.
 
@@ -82,8 +101,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         ``initial_peers`` are multiaddrs of any peers of the swarm. ``compression`` applies
         to hidden states on the wire (``none`` keeps results exact). Pass ``client`` to
         share one ``SwarmClient`` between models (it is then not closed by ``close``).
+        ``spot_check_rate``: the share of each hop's steps re-run elsewhere and compared
+        (0 disables the checks, 1.0 checks every step); ``reputation_path``: a file keeping
+        the client's reputation book across runs (read here, written by ``close``).
         """
         limits = limits or ClientLimits()
+        settings = SpotCheckSettings(rate=spot_check_rate)
+        book = ReputationBook() if reputation_path is None else ReputationBook.load(reputation_path)
         checkpoint = Checkpoint.open(path_or_name, cache_dir=cache_dir)
         manifest = load_manifest(checkpoint)
         ends = load_model_ends(checkpoint, dtype=dtype, device=device, manifest=manifest)
@@ -97,7 +121,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             limits=limits,
             compression=Compression(compression),
         )
-        model = cls(checkpoint.config, ends, manifest, runtime, chain)
+        checker = SpotChecker(chain, settings=settings, book=book) if settings.rate > 0 else None
+        model = cls(
+            checkpoint.config,
+            ends,
+            manifest,
+            runtime,
+            chain,
+            checker=checker,
+            book=book,
+            reputation_path=reputation_path,
+        )
         model._owns_client = owned
         try:
             model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
@@ -109,6 +143,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Close any open session and, unless it was shared, the swarm client."""
         if self._session is not None:
             self._session.close()
+        if self._reputation_path is not None:
+            self.book.save(self._reputation_path)
         if self._owns_client:
             self.client.close()
 
@@ -143,6 +179,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return inputs
 
     # -- the swarm ---------------------------------------------------------------------------
+
+    @property
+    def session(self) -> RemoteInferenceSession | None:
+        """The open inference session (``generate`` opens one for its call), if any."""
+        return self._session
 
     def servers(self) -> dict[PeerId, ServerRecord]:
         """The servers the swarm announces for this model (read from the DHT now)."""
@@ -277,6 +318,21 @@ class RemoteInferenceSession:
         """The chain's hops as ``peer[start:end]`` (empty until the first forward)."""
         return [] if self._chain is None else [str(hop) for hop in self._chain.route]
 
+    @property
+    def hops(self) -> list[Hop]:
+        """The chain's hops now (empty until the first forward; failovers change them)."""
+        return [] if self._chain is None else self._chain.route
+
+    @property
+    def failovers(self) -> list[Failover]:
+        """The hops replaced so far because their server failed (empty until one did)."""
+        return [] if self._chain is None else list(self._chain.failovers)
+
+    @property
+    def caught(self) -> list[SpotCheck]:
+        """The spot-checks that caught a hop cheating so far (its steps were corrected)."""
+        return [] if self._chain is None else list(self._chain.caught)
+
     def advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The last block's output for the tokens of ``input_ids`` the servers lack."""
         if self._closed:
@@ -295,7 +351,12 @@ class RemoteInferenceSession:
         model = self.model
         if self._chain is None:
             self._chain = model.client.run(
-                model.chain.open_session(batch_size=batch, max_length=self.max_length)
+                ChainSession.open(
+                    model.chain,
+                    batch_size=batch,
+                    max_length=self.max_length,
+                    checker=model.checker,
+                )
             )
         elif self._ids is not None and batch != self._ids.shape[0]:
             raise ValueError(f"the session holds a batch of {self._ids.shape[0]}, not {batch}")

@@ -1,38 +1,52 @@
-"""Hidden states through a chain of servers: routing, sessions, forward and backward.
+"""Hidden states through a chain of servers: routing, forward and backward, bans.
 
 Runs on the client's event loop (``SwarmClient``). ``RemoteChain`` reads the servers of a
 model from the DHT (at most once per ``ClientLimits.route_ttl_s``, never per token),
-measures its round trip to each (``Host.ping``, once per server), and asks ``scheduler``
-for the chain of lowest expected latency. A ``ChainSession`` holds one inference stream
-per hop: a step is one message each way per hop, hidden states travelling as raw payloads
-in each hop's dtype, over connections the Host keeps open.
+measures its round trip to each (``Host.ping``, once per server) and asks ``scheduler``
+for a route: the chain of lowest expected latency for generation
+(``route_min_latency``), a chain drawn by throughput for batch forward and backward
+(``route_for_throughput``: a server ten times as fast gets ten times the calls), and,
+when a server of an inference chain fails, a replacement for exactly its blocks
+(``replace_span``). A server that failed is banned for ``ClientLimits.ban_s``: a hard ban
+(lost connection, error) keeps it out of every route; a soft ban (it only missed a
+deadline, the connection still open) keeps it out of routes that can do without it, so a
+slow server that alone serves some blocks is still used.
+Inference sessions (``ChainSession``) live in ``_client_session``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dht import DHT
-from p2p import Host, P2PError, RemoteError, RpcReply, RpcStream
-from scheduler import MissingBlocksError, ServerState, route_min_latency
+from p2p import Host, P2PError, RemoteError, RpcReply
+from scheduler import Hop as RouteHop
+from scheduler import (
+    MissingBlocksError,
+    Route,
+    ServerState,
+    SwarmSnapshot,
+    replace_span,
+    route_for_throughput,
+    route_min_latency,
+)
 from security import PeerId
 
 from ._announce import ServerRecord, read_servers, snapshot_of
 from ._dtypes import DTYPES
-from ._errors import ShardError
-from ._server_errors import ServerError, remote_error
+from ._errors import BadRequest, ShardError
+from ._server_errors import BlockNotServed, ServerError, UnknownSession, remote_error
 from ._server_limits import ClientLimits
 from ._server_protocol import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
-    INFERENCE_PROTOCOL,
     pack_tensors,
     unpack_tensors,
 )
@@ -80,6 +94,7 @@ class RemoteChain:
         limits: ClientLimits | None = None,
         compression: Compression = Compression.NONE,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.host = host
         self.dht = dht
@@ -88,9 +103,12 @@ class RemoteChain:
         self.limits = limits or ClientLimits()
         self.compression = Compression(compression)
         self._clock = clock
+        self._rng = rng or random.Random()
         self._servers: dict[PeerId, ServerRecord] = {}
         self._read_at: float | None = None
         self._rtts: dict[PeerId, float] = {}
+        self._banned: dict[PeerId, tuple[float, bool]] = {}
+        """Per banned peer: until when, and whether the ban is soft."""
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -105,45 +123,160 @@ class RemoteChain:
                 self.host.peerstore.add_addrs(peer, record.addrs)
         return self._servers
 
+    def record(self, peer: PeerId) -> ServerRecord | None:
+        """What ``peer`` announced at the last read of the DHT (None: not announced)."""
+        return self._servers.get(peer)
+
+    def ban(self, peer: PeerId, *, soft: bool = False) -> None:
+        """Route nothing to ``peer`` for ``ClientLimits.ban_s``; with ``soft`` (it was only
+        slow) routes still use it where nothing else covers its blocks. A soft ban never
+        weakens a hard one."""
+        until = self._clock() + self.limits.ban_s
+        current = self._banned.get(peer)
+        hard_now = current is not None and not current[1] and current[0] > self._clock()
+        self._banned[peer] = (until, soft and not hard_now)
+        if not soft:
+            self._rtts.pop(peer, None)
+        _log.info("banned %s for %gs%s", peer.short(), self.limits.ban_s, " (soft)" * soft)
+
+    def banned(self, *, soft: bool = True) -> set[str]:
+        """The peers banned now, as the scheduler's peer keys (without the soft bans when
+        ``soft`` is false)."""
+        now = self._clock()
+        for peer in [p for p, (until, _) in self._banned.items() if until <= now]:
+            del self._banned[peer]
+        return {str(peer) for peer, (_, is_soft) in self._banned.items() if soft or not is_soft}
+
     async def _measure(self, peers: Sequence[PeerId]) -> None:
         """Round trips to the servers not measured yet (unreachable ones stay unmeasured)."""
 
         async def ping(peer: PeerId) -> None:
             try:
-                self._rtts[peer] = await self.host.ping(peer)
-            except P2PError as e:
+                async with asyncio.timeout(self.limits.ping_timeout_s):
+                    self._rtts[peer] = await self.host.ping(peer)
+            except (P2PError, TimeoutError) as e:
                 _log.info("server %s did not answer a ping: %s", peer.short(), e)
 
-        await asyncio.gather(*(ping(p) for p in peers if p not in self._rtts))
+        banned = self.banned(soft=False)
+        await asyncio.gather(
+            *(ping(p) for p in peers if p not in self._rtts and str(p) not in banned)
+        )
+
+    async def _snapshot(self, *, refresh: bool) -> SwarmSnapshot:
+        """The online servers answering pings, as the scheduler sees them."""
+        servers = await self.servers(refresh=refresh)
+        online = [s.peer_id for s in servers.values() if s.state == ServerState.ONLINE]
+        await self._measure(online)
+        measured = {str(peer) for peer in self._rtts}
+        snapshot = snapshot_of(self.num_blocks, servers.values(), keep=lambda s: True)
+        return snapshot.where(lambda s: s.peer_id in measured)
+
+    async def _routed(
+        self, plan: Callable[[SwarmSnapshot, set[str]], Route], wait_s: float
+    ) -> list[Hop]:
+        """``plan``'s route over the current view and the banned peers (the soft bans
+        dropped when no route avoids them), waiting up to ``wait_s`` (the DHT read again
+        every ``route_poll_s``) while blocks are missing."""
+        deadline = self._clock() + wait_s
+        refresh = False
+        while True:
+            snapshot = await self._snapshot(refresh=refresh)
+            try:
+                return self._hops(plan(snapshot, self.banned()))
+            except MissingBlocksError:
+                hard = self.banned(soft=False)
+                try:
+                    if len(hard) < len(self.banned()):
+                        return self._hops(plan(snapshot, hard))
+                except MissingBlocksError:
+                    pass
+                if self._clock() >= deadline:
+                    raise
+            if refresh:
+                await asyncio.sleep(self.limits.route_poll_s)
+            refresh = True
 
     async def route(self, *, min_cache_tokens: int = 0) -> list[Hop]:
         """The chain of lowest expected latency; ``MissingBlocksError`` when none exists.
 
-        Servers that did not answer a ping, and (for a session) servers announcing less
-        cache room than ``min_cache_tokens``, are left out. With
+        Servers that did not answer a ping, banned servers, and (for a session) servers
+        announcing less cache room than ``min_cache_tokens`` are left out. With
         ``ClientLimits.route_wait_s``, missing blocks are waited for (the DHT read again
         every ``route_poll_s``) before giving up.
         """
-        deadline = self._clock() + self.limits.route_wait_s
-        refresh = False
-        while True:
-            servers = await self.servers(refresh=refresh)
-            online = [s.peer_id for s in servers.values() if s.state == ServerState.ONLINE]
-            await self._measure(online)
-            try:
-                return self._plan(servers, min_cache_tokens)
-            except MissingBlocksError:
-                if self._clock() >= deadline:
-                    raise
-            await asyncio.sleep(self.limits.route_poll_s)
-            refresh = True
 
-    def _plan(self, servers: dict[PeerId, ServerRecord], min_cache_tokens: int) -> list[Hop]:
-        by_key = {str(peer): record for peer, record in servers.items()}
-        rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
-        snapshot = snapshot_of(self.num_blocks, servers.values(), keep=lambda s: True)
-        reachable = snapshot.where(lambda s: s.peer_id in rtts)
-        route = route_min_latency(reachable, rtts, min_cache_tokens=min_cache_tokens)
+        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
+            rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
+            return route_min_latency(
+                snapshot,
+                rtts,
+                banned=banned,
+                min_cache_tokens=min_cache_tokens,
+                push=self.limits.push,
+            )
+
+        return await self._routed(plan, self.limits.route_wait_s)
+
+    async def route_for_batch(self) -> list[Hop]:
+        """A chain drawn so that load follows throughput (batch forward and backward)."""
+
+        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
+            return route_for_throughput(snapshot, self._rng, banned=banned)
+
+        return await self._routed(plan, self.limits.route_wait_s)
+
+    async def replace(
+        self,
+        hops: Sequence[Hop],
+        index: int,
+        *,
+        num_tokens: int,
+        min_cache_tokens: int,
+        wait_s: float | None = None,
+    ) -> list[Hop]:
+        """A sub-route over exactly the blocks of ``hops[index]``, without its server or
+        any banned one (soft-banned ones where nothing else serves them): from the current
+        view of the swarm when it has one (a lookup in the DHT may wait on the very server
+        that failed), else from the DHT, read again every ``route_poll_s``;
+        ``MissingBlocksError`` once ``wait_s`` (default ``ClientLimits.failover_wait_s``)
+        passed with some of those blocks unserved."""
+        route = Route(tuple(RouteHop(str(h.peer_id), h.start, h.end) for h in hops))
+
+        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
+            rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
+            return replace_span(
+                snapshot,
+                route,
+                index,
+                banned,
+                client_rtts=rtts,
+                num_tokens=num_tokens,
+                min_cache_tokens=min_cache_tokens,
+                push=self.limits.push,
+            )
+
+        return await self._routed(plan, self.limits.failover_wait_s if wait_s is None else wait_s)
+
+    async def spare(self, hops: Sequence[Hop], index: int, *, min_cache_tokens: int) -> bool:
+        """Whether the current view of the swarm has servers for exactly the blocks of
+        ``hops[index]`` other than its own and any banned one (soft bans count here)."""
+        route = Route(tuple(RouteHop(str(h.peer_id), h.start, h.end) for h in hops))
+        snapshot = await self._snapshot(refresh=False)
+        try:
+            replace_span(
+                snapshot,
+                route,
+                index,
+                self.banned(),
+                min_cache_tokens=min_cache_tokens,
+                push=self.limits.push,
+            )
+        except MissingBlocksError:
+            return False
+        return True
+
+    def _hops(self, route: Route) -> list[Hop]:
+        by_key = {str(peer): record for peer, record in self._servers.items()}
         hops = []
         for hop in route.hops:
             record = by_key[str(hop.peer_id)]
@@ -151,9 +284,38 @@ class RemoteChain:
         _log.debug("route: %s", " -> ".join(map(str, hops)))
         return hops
 
+    def deadline_s(self, hop: Hop, tokens: int) -> float:
+        """How long ``tokens`` (batch x tokens) may take at ``hop``: ``step_timeout_base_s``
+        plus ``step_timeout_factor`` times the compute they need at the server's announced
+        throughput, at most ``call_timeout_s``."""
+        limits = self.limits
+        record = self.record(hop.peer_id)
+        throughput = 0.0 if record is None else record.throughput
+        expected = tokens * (hop.end - hop.start) / throughput if throughput > 0 else 0.0
+        deadline = limits.step_timeout_base_s + limits.step_timeout_factor * expected
+        return min(limits.call_timeout_s, deadline)
+
     # -- stateless calls -------------------------------------------------------------------
 
-    async def _unary(self, protocol: str, hop: Hop, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def forward_on(
+        self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``hidden`` (a whole sequence, no cache) through ``hop``'s blocks on ``hop``'s
+        server alone, within the deadline its size calls for (``deadline_s``); the
+        server's errors as typed ``ShardError``, ``TimeoutError`` past the deadline."""
+        mask = wire_mask(attention_mask)
+        tensors = [hidden.to(hop.dtype), *([] if mask is None else [mask])]
+        deadline = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1])
+        return await self._unary(FORWARD_PROTOCOL, hop, tensors, timeout=deadline)
+
+    async def _unary(
+        self,
+        protocol: str,
+        hop: Hop,
+        tensors: list[torch.Tensor],
+        *,
+        timeout: float | None = None,
+    ) -> torch.Tensor:
         sizes, payload = pack_tensors(tensors, self.compression)
         request = {
             "model": self.model_id,
@@ -164,11 +326,15 @@ class RemoteChain:
         }
         try:
             reply = await self.host.rpc_call(
-                hop.peer_id, protocol, request, payload, timeout=self.limits.call_timeout_s
+                hop.peer_id,
+                protocol,
+                request,
+                payload,
+                timeout=self.limits.call_timeout_s if timeout is None else timeout,
             )
         except RemoteError as e:
             raise remote_error({"error": e.code, "message": e.message}, hop.peer_id) from None
-        return _output(reply, hop, self.limits)
+        return output_of(reply, hop, self.limits)
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -179,21 +345,35 @@ class RemoteChain:
     async def trace(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> ChainTrace:
-        """A forward that keeps every hop's input, for ``backward``."""
-        hops = await self.route()
-        mask = _wire_mask(attention_mask)
+        """A forward that keeps every hop's input, for ``backward``, along a chain drawn by
+        throughput. A server that fails is banned and the forward runs again on another
+        chain, up to ``ClientLimits.max_failovers`` times."""
+        mask = wire_mask(attention_mask)
         extra = [] if mask is None else [mask]
-        states = [hidden]
-        for hop in hops:
-            output = await self._unary(FORWARD_PROTOCOL, hop, [hidden.to(hop.dtype), *extra])
-            hidden = output.to(hidden.dtype)
-            states.append(hidden)
-        return ChainTrace(tuple(hops), tuple(states), attention_mask)
+        attempt = 0
+        while True:
+            hops = await self.route_for_batch()
+            states = [hidden]
+            state = hidden
+            try:
+                for hop in hops:
+                    failed = hop.peer_id
+                    output = await self._unary(FORWARD_PROTOCOL, hop, [state.to(hop.dtype), *extra])
+                    state = output.to(hidden.dtype)
+                    states.append(state)
+            except (P2PError, TimeoutError, ShardError) as e:
+                if not is_lost(e) or attempt >= self.limits.max_failovers:
+                    raise
+                attempt += 1
+                _log.info("forward through %s failed (%s); drawing another chain", failed, e)
+                self.ban(failed, soft=isinstance(e, TimeoutError))
+                continue
+            return ChainTrace(tuple(hops), tuple(states), attention_mask)
 
     async def backward(self, trace: ChainTrace, grad_output: torch.Tensor) -> torch.Tensor:
         """Gradient of ``(output * grad_output).sum()`` for the traced input, hop by hop
         backwards, each server recomputing its own activations."""
-        mask = _wire_mask(trace.attention_mask)
+        mask = wire_mask(trace.attention_mask)
         extra = [] if mask is None else [mask]
         grad = grad_output
         for hop, state in zip(reversed(trace.hops), reversed(trace.states[:-1]), strict=True):
@@ -201,137 +381,19 @@ class RemoteChain:
             grad = (await self._unary(BACKWARD_PROTOCOL, hop, tensors)).to(state.dtype)
         return grad
 
-    # -- inference -------------------------------------------------------------------------
 
-    async def open_session(self, *, batch_size: int, max_length: int) -> ChainSession:
-        """Open one inference session per hop of a fresh route, all at once."""
-        hops = await self.route(min_cache_tokens=batch_size * max_length)
-        opened = await asyncio.gather(
-            *(
-                HopSession.open(self, hop, batch_size=batch_size, max_length=max_length)
-                for hop in hops
-            ),
-            return_exceptions=True,
-        )
-        sessions = [s for s in opened if isinstance(s, HopSession)]
-        failures = [e for e in opened if isinstance(e, BaseException)]
-        if failures:
-            await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-            raise failures[0]
-        return ChainSession(sessions, max_length=max_length)
+def is_lost(error: BaseException) -> bool:
+    """Whether ``error`` means the server (or its session) is gone, rather than that the
+    request was wrong: a lost connection, a timeout, a session the server no longer
+    holds, blocks it no longer serves, or any error of the server's own making."""
+    if isinstance(error, P2PError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(error, BadRequest):
+        return isinstance(error, UnknownSession | BlockNotServed)
+    return isinstance(error, ShardError)
 
 
-class HopSession:
-    """One server's inference session: a streaming call kept open for the whole generation."""
-
-    def __init__(self, chain: RemoteChain, hop: Hop, call: RpcStream) -> None:
-        self.chain = chain
-        self.hop = hop
-        self.position = 0
-        self._call = call
-        self._request: dict[str, Any] = {
-            "op": "step",
-            "tensors": [],
-            "compression": chain.compression.value,
-        }
-
-    @classmethod
-    async def open(
-        cls, chain: RemoteChain, hop: Hop, *, batch_size: int, max_length: int
-    ) -> HopSession:
-        limits = chain.limits
-        async with asyncio.timeout(limits.connect_timeout_s):
-            call = await chain.host.rpc_open(hop.peer_id, INFERENCE_PROTOCOL)
-            session = cls(chain, hop, call)
-            try:
-                await session._exchange(
-                    {
-                        "op": "open",
-                        "model": chain.model_id,
-                        "start": hop.start,
-                        "end": hop.end,
-                        "batch": batch_size,
-                        "max_length": max_length,
-                    }
-                )
-            except BaseException:
-                call.cancel()
-                raise
-        return session
-
-    async def _exchange(self, message: dict[str, Any], payload: bytes | None = None) -> RpcReply:
-        """Send one request and read its answer (typed errors for an error answer)."""
-        call = self._call
-        async with asyncio.timeout(self.chain.limits.call_timeout_s):
-            await call.send(message, payload)
-            reply = await call.recv()
-        if reply is None:
-            raise ServerError(f"{self.hop.peer_id} ended the session", remote_code="session_ended")
-        if isinstance(reply.value, dict) and "error" in reply.value:
-            raise remote_error(reply.value, self.hop.peer_id)
-        return reply
-
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        tensors = [hidden.to(self.hop.dtype)] if mask is None else [hidden.to(self.hop.dtype), mask]
-        sizes, payload = pack_tensors(tensors, self.chain.compression)
-        request = self._request
-        request["tensors"] = sizes
-        reply = await self._exchange(request, payload)
-        self.position = reply.value.get("position", -1)
-        return _output(reply, self.hop, self.chain.limits).to(hidden.dtype)
-
-    async def rollback(self, position: int) -> None:
-        await self._exchange({"op": "rollback", "position": position})
-        self.position = position
-
-    async def close(self) -> None:
-        """End the session (its cache is freed on the server)."""
-        try:
-            await self._call.aclose()
-        except P2PError as e:
-            _log.debug("closing the session with %s: %s", self.hop.peer_id.short(), e)
-
-
-class ChainSession:
-    """Inference sessions along a whole chain: ``step`` new tokens, ``rollback``, ``close``."""
-
-    def __init__(self, hops: list[HopSession], *, max_length: int) -> None:
-        self.hops = hops
-        self.max_length = max_length
-        self.position = 0
-
-    @property
-    def route(self) -> list[Hop]:
-        return [h.hop for h in self.hops]
-
-    async def step(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Run new tokens' hidden states through every hop; the last hop's output."""
-        mask = _wire_mask(attention_mask)
-        done: list[HopSession] = []
-        try:
-            for hop in self.hops:
-                hidden = await hop.step(hidden, mask)
-                done.append(hop)
-        except ShardError:
-            # the hops that ran the step forget it, so that the chain stays consistent
-            position = self.position
-            await asyncio.gather(*(h.rollback(position) for h in done), return_exceptions=True)
-            raise
-        self.position += hidden.shape[1]
-        return hidden.clone()
-
-    async def rollback(self, position: int) -> None:
-        """Forget every token after the first ``position`` ones, on every hop."""
-        await asyncio.gather(*(h.rollback(position) for h in self.hops))
-        self.position = position
-
-    async def close(self) -> None:
-        await asyncio.gather(*(h.close() for h in self.hops))
-
-
-def _wire_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+def wire_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The mask as sent: booleans, and nothing at all when every token is real."""
     if attention_mask is None:
         return None
@@ -339,7 +401,7 @@ def _wire_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
-def _output(reply: RpcReply, hop: Hop, limits: ClientLimits) -> torch.Tensor:
+def output_of(reply: RpcReply, hop: Hop, limits: ClientLimits) -> torch.Tensor:
     value = reply.value
     try:
         if not isinstance(value, dict):

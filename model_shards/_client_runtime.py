@@ -5,6 +5,10 @@ Hugging Face's ``generate`` is synchronous; the Host and the DHT are asyncio. A
 in one background thread; the caller's thread keeps the torch work (embeddings, LM head,
 sampling) and hands each network exchange to the loop with ``run``: one hand-over per
 generated token, however many servers the chain has.
+
+The Host can reach servers behind NAT: a ``Relay`` (client side of circuit relaying:
+dialing ``/p2p-circuit`` addresses, not a relay for others) and, when it has a QUIC
+transport, a ``HolePuncher`` that upgrades a relayed connection to a direct one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from dht import DHT, DhtLimits
-from p2p import Host, HostLimits
+from p2p import HolePuncher, Host, HostLimits, Relay
 from security import KeyPair
 from transport import Multiaddr, QuicTransport, TcpTransport, Transport
 
@@ -25,7 +29,8 @@ T = TypeVar("T")
 
 
 class SwarmClient:
-    """A Host and a DHT client on a background event loop; ``close()`` stops both."""
+    """A Host and a DHT client (and NAT traversal) on a background event loop;
+    ``close()`` stops them all."""
 
     def __init__(
         self,
@@ -48,6 +53,8 @@ class SwarmClient:
         )
         self._thread.start()
         self._closed = False
+        self.relay: Relay | None = None
+        self.puncher: HolePuncher | None = None
         try:
             self.host, self.dht = self.run(
                 self._start(peers, transports, host_limits, dht_limits),
@@ -66,16 +73,21 @@ class SwarmClient:
         dht_limits: DhtLimits | None,
     ) -> tuple[Host, DHT]:
         identity = self.identity
-        host = Host(
-            identity,
-            transports or [TcpTransport(identity), QuicTransport(identity)],
-            host_limits or HostLimits(),
-        )
+        if transports is None:
+            transports = [TcpTransport(identity), QuicTransport(identity)]
+        quic = next((t for t in transports if isinstance(t, QuicTransport)), None)
+        host = Host(identity, transports, host_limits or HostLimits())
         await host.start([])
         dht = DHT(host, dht_limits or DhtLimits(), server_mode=False, identity=identity)
         try:
+            self.relay = Relay(host, identity)
+            await self.relay.start()
+            if quic is not None:
+                self.puncher = HolePuncher(host, quic, self.relay)
+                await self.puncher.start()
             await dht.start(bootstrap=peers)
         except BaseException:
+            await self._stop_traversal()
             await dht.stop()
             await host.stop()
             raise
@@ -109,8 +121,15 @@ class SwarmClient:
         self._loop.close()
 
     async def _stop(self) -> None:
+        await self._stop_traversal()
         await self.dht.stop()
         await self.host.stop()
+
+    async def _stop_traversal(self) -> None:
+        if self.puncher is not None:
+            await self.puncher.stop()
+        if self.relay is not None:
+            await self.relay.stop()
 
     def __enter__(self) -> SwarmClient:
         return self

@@ -45,7 +45,16 @@ def compute_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None`` -> the first CUDA device when there is one, else the CPU."""
-    if device is None:
+    """``None`` or ``"auto"`` -> the first CUDA device when there is one, else the CPU.
+
+    ValueError for a name torch does not know, or a CUDA device on a machine without one.
+    """
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N ({e})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA device here; use cpu or auto")
+    return resolved

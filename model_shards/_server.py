@@ -3,8 +3,13 @@
 Inference sessions are streaming calls (``_server_protocol``): the first message opens a
 session and reserves its whole cache (``CacheFull`` at once when there is no room), each
 step message runs its new tokens through the span in one go, a rollback forgets tokens,
-and the session ends with the call (or after ``ServerLimits.session_idle_timeout_s`` of
-silence). Stateless forward and backward are unary calls.
+and the session ends with the call (or after ``ServerLimits.session_idle_timeout_s``
+without input). Stateless forward and backward are unary calls.
+
+A session may be one hop of a chain (``_server_push``): it then has a client-chosen id in
+a server-wide table, the peer allowed to push into it, and the next server's session to
+push its outputs to. Its inputs, from its client's stream and from pushes, go through one
+inbox; one worker (the call's handler) runs them in order, skipping steps already run.
 
 Torch runs in one worker thread per server, one call at a time, so the event loop keeps
 moving bytes for every other session meanwhile; only a step expected to take less than
@@ -18,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from p2p import Host, RpcContext, RpcError, RpcReply, RpcStream
+from p2p import Host, P2PError, RpcCode, RpcContext, RpcError, RpcReply, RpcStream
 from scheduler import ServerState
+from security import PeerId
 
 from ._announce import ServerRecord
 from ._cache import CachePool
@@ -34,6 +42,7 @@ from ._errors import BadRequest, ShardError
 from ._manifest import Manifest
 from ._server_errors import (
     BlockNotServed,
+    PushNotAllowed,
     ServerShuttingDown,
     SessionTimeout,
     UnknownSession,
@@ -44,13 +53,28 @@ from ._server_protocol import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
+    PUSH_PROTOCOL,
     as_mask,
     compression_of,
     pack_tensors,
     require,
     unpack_tensors,
 )
+from ._server_push import (
+    Inbox,
+    NextHop,
+    PushedStep,
+    StepLog,
+    next_of,
+    prev_of,
+    push_flag_of,
+    push_step,
+    session_id_of,
+    step_id_of,
+    warm_connection,
+)
 from ._span import InferenceSession, Span
+from ._wire import Compression
 
 _log = logging.getLogger("model_shards.server")
 
@@ -91,6 +115,8 @@ class ShardServer:
             initargs=() if torch_threads is None else (torch_threads,),
         )
         self._session_tasks: set[asyncio.Task[Any]] = set()
+        self._sessions: dict[bytes, _HopSession] = {}
+        self._pushes: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = False
@@ -129,10 +155,13 @@ class ShardServer:
         self.host.add_rpc_stream_handler(INFERENCE_PROTOCOL, self._serve_inference)
         self.host.add_rpc_handler(FORWARD_PROTOCOL, self._serve_forward)
         self.host.add_rpc_handler(BACKWARD_PROTOCOL, self._serve_backward)
+        self.host.add_rpc_handler(PUSH_PROTOCOL, self._serve_push)
         self._accepting = True
 
     async def stop(self) -> None:
-        """Refuse new sessions, drain open ones, close what is left; the Host keeps running."""
+        """Leave gracefully: refuse new sessions, let open ones go on for up to
+        ``ServerLimits.drain_timeout_s``, then tell each one left ``server_shutting_down``
+        and close it (its client fails over); the Host keeps running."""
         self._accepting = False
         if self._session_tasks:
             _log.info(
@@ -145,11 +174,22 @@ class ShardServer:
                     await self._idle.wait()
             except TimeoutError:
                 _log.info("closing %d session(s) still open", len(self._session_tasks))
+        leaving = [hop.task for hop in self._sessions.values()]
+        for hop in self._sessions.values():
+            hop.inbox.finish(_LEAVE)
         tasks = list(self._session_tasks)
+        for task in tasks:
+            if task not in leaving:
+                task.cancel()
+        if leaving:
+            await asyncio.wait(leaving, timeout=self.limits.leave_grace_s)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for protocol in (INFERENCE_PROTOCOL, FORWARD_PROTOCOL, BACKWARD_PROTOCOL):
+        pushes = list(self._pushes)
+        if pushes:
+            await asyncio.wait(pushes, timeout=self.limits.push_timeout_s)
+        for protocol in (INFERENCE_PROTOCOL, FORWARD_PROTOCOL, BACKWARD_PROTOCOL, PUSH_PROTOCOL):
             self.host.remove_handler(protocol)
         self._executor.shutdown(wait=True)
 
@@ -250,27 +290,27 @@ class ShardServer:
         assert task is not None
         self._session_tasks.add(task)
         self._idle.clear()
-        session: InferenceSession | None = None
+        hop: _HopSession | None = None
         try:
             message = await self._next(call)
             if message is None:
                 return
             try:
-                session = self._open(message.value)
+                hop = self._open(message.value, call)
             except ShardError as e:
                 await call.send(error_details(e))
                 return
             self.sessions_served += 1
             await call.send({"op": "opened", "position": 0})
-            while (message := await self._next(call)) is not None:
-                reply = await self._handle(session, message, ctx)
-                await call.send(reply.value, reply.payload)
+            await self._run_session(hop, ctx)
         except SessionTimeout as e:
             _log.debug("session of %s timed out", ctx.peer)
             await call.send(error_details(e))
         finally:
-            if session is not None:
-                session.close()
+            if hop is not None:
+                await hop.close()
+                if self._sessions.get(hop.session_id) is hop:
+                    del self._sessions[hop.session_id]
             self._session_tasks.discard(task)
             if not self._session_tasks:
                 self._idle.set()
@@ -286,7 +326,7 @@ class ShardServer:
                 "the session was closed"
             ) from None
 
-    def _open(self, value: Any) -> InferenceSession:
+    def _open(self, value: Any, call: RpcStream) -> _HopSession:
         if not self._accepting:
             raise ServerShuttingDown("this server is shutting down; open the session elsewhere")
         request = _as_request(value)
@@ -294,28 +334,112 @@ class ShardServer:
         if op != "open":
             raise UnknownSession(f"{op!r} before any session was opened on this call")
         span = self._span_for(request)
-        return span.open_session(
+        session_id = session_id_of(request)
+        if session_id is not None and session_id in self._sessions:
+            raise BadRequest("this session_id is already open here; choose 16 random bytes")
+        prev, target = prev_of(request), next_of(request)
+        session = span.open_session(
             self.pool,
             batch_size=require(request, "batch", int),
             max_length=require(request, "max_length", int),
         )
+        task = asyncio.current_task()
+        assert task is not None
+        hop = _HopSession(
+            session_id or os.urandom(16), session, call, Inbox(self.limits.session_queue), task
+        )
+        self._sessions[hop.session_id] = hop
+        self._link(hop, prev, target)
+        return hop
 
-    async def _handle(
-        self, session: InferenceSession, message: RpcReply, ctx: RpcContext
-    ) -> RpcReply:
+    def _link(self, hop: _HopSession, prev: PeerId | None, target: NextHop | None) -> None:
+        hop.prev, hop.next = prev, target
+        hop.next_confirmed = False
+        if hop.warming is not None:
+            hop.warming.cancel()
+            hop.warming = None
+        if target is not None:
+            hop.warming = asyncio.get_running_loop().create_task(
+                warm_connection(self.host, target, self.limits.push_timeout_s)
+            )
+
+    async def _run_session(self, hop: _HopSession, ctx: RpcContext) -> None:
+        """The session's worker: its inputs, client messages and pushes, one at a time."""
+        reader = asyncio.get_running_loop().create_task(self._read_client(hop))
+        timeout = self.limits.session_idle_timeout_s
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await hop.inbox.get()
+                except TimeoutError:
+                    raise SessionTimeout(
+                        f"no input for ServerLimits.session_idle_timeout_s={timeout:g}; "
+                        "the session was closed"
+                    ) from None
+                if item is _END:
+                    return
+                if item is _LEAVE:
+                    await hop.call.send(
+                        error_details(
+                            ServerShuttingDown(
+                                "this server is leaving the swarm; "
+                                "continue the session on another server"
+                            )
+                        )
+                    )
+                    return
+                if isinstance(item, _PushRefused):
+                    reply = _refused(hop, item)
+                elif isinstance(item, PushedStep):
+                    reply = await self._pushed(hop, item, ctx)
+                else:
+                    reply = await self._handle(hop, item, ctx)
+                if reply is not None:
+                    await hop.call.send(reply.value, reply.payload)
+        except P2PError as e:
+            _log.debug("the session of %s ended: %s", ctx.peer, e)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_client(self, hop: _HopSession) -> None:
+        """Feed the client's messages to the session's inbox until the client is done."""
+        try:
+            while (message := await hop.call.recv()) is not None:
+                await hop.inbox.put(message)
+            await hop.inbox.put(_END)
+        except P2PError as e:
+            _log.debug("the client of a session went away: %s", e)
+            hop.inbox.finish(_END)
+
+    async def _handle(self, hop: _HopSession, message: RpcReply, ctx: RpcContext) -> RpcReply:
         """One request of an open session: its answer, or its error (the session lives on)."""
         try:
             request = _as_request(message.value)
             op = request.get("op")
             if op == "step":
-                return await self._step(session, request, message.payload)
+                step = step_id_of(request)
+                if hop.log.is_duplicate(step) and hop.log.last_out is not None:
+                    return hop.log.last_out
+                compression = compression_of(request)
+                tensors = unpack_tensors(
+                    request.get("tensors"), message.payload, self.limits.wire, count=range(1, 3)
+                )
+                hidden = tensors[0]
+                mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
+                push = push_flag_of(request)
+                return await self._step(hop, step, push, hidden, mask, compression)
             if op == "rollback":
                 position = require(request, "position", int)
-                session.rollback(position)
+                hop.session.rollback(position)
                 return RpcReply({"op": "ok", "position": position})
+            if op == "link":
+                self._link(hop, prev_of(request), next_of(request))
+                return RpcReply({"op": "ok", "position": hop.session.position})
             if op == "open":
                 raise BadRequest("a session is already open on this call; open another call")
-            raise BadRequest(f"unknown op {op!r}; expected 'step' or 'rollback'")
+            raise BadRequest(f"unknown op {op!r}; expected 'step', 'rollback' or 'link'")
         except ShardError as e:
             return RpcReply(error_details(e))
         except Exception as e:
@@ -324,19 +448,42 @@ class ShardServer:
                 {"error": INTERNAL_ERROR, "message": f"the server failed: {type(e).__name__}"}
             )
 
+    async def _pushed(self, hop: _HopSession, item: PushedStep, ctx: RpcContext) -> RpcReply | None:
+        """A step the previous server pushed: run unless it already ran (then dropped)."""
+        if hop.log.is_duplicate(item.step):
+            return None
+        try:
+            return await self._step(
+                hop, item.step, item.push, item.hidden, item.mask, item.compression
+            )
+        except ShardError as e:
+            return RpcReply({**error_details(e), "step": item.step})
+        except Exception as e:
+            _log.exception("a pushed step of %s's session failed", ctx.peer)
+            return RpcReply(
+                {
+                    "error": INTERNAL_ERROR,
+                    "message": f"the server failed: {type(e).__name__}",
+                    "step": item.step,
+                }
+            )
+
     async def _step(
-        self, session: InferenceSession, request: dict[str, Any], payload: memoryview | None
+        self,
+        hop: _HopSession,
+        step: int | None,
+        push: bool,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        compression: Compression,
     ) -> RpcReply:
-        compression = compression_of(request)
-        tensors = unpack_tensors(
-            request.get("tensors"), payload, self.limits.wire, count=range(1, 3)
-        )
-        hidden = tensors[0]
-        mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
+        session = hop.session
+        target = hop.next if push and step is not None else None
 
         def run() -> tuple[list[int], bytes, int]:
             output = session.step(hidden, attention_mask=mask)
-            sizes, data = pack_tensors([output], compression)
+            tensors = [output] if target is None or mask is None else [output, mask]
+            sizes, data = pack_tensors(tensors, compression)
             return sizes, data, session.position
 
         blocks = session.span.end - session.span.start
@@ -345,7 +492,155 @@ class ShardServer:
             sizes, data, position = run()
         else:
             sizes, data, position = await self._compute(run)
-        return RpcReply({"op": "out", "position": position, "tensors": sizes}, data)
+        out: dict[str, Any] = {"op": "out", "position": position, "tensors": sizes[:1]}
+        if step is not None:
+            pushed = False
+            if target is not None:
+                request = {
+                    "session_id": target.session_id,
+                    "step": step,
+                    "push": True,
+                    "tensors": sizes,
+                    "compression": compression.value,
+                }
+                pushed = await self._push(hop, target, request, data)
+            out.update(step=step, pushed=pushed)
+        reply = RpcReply(out, memoryview(data)[: sizes[0]])
+        hop.log.record(step, reply)
+        return reply
+
+    # -- push ------------------------------------------------------------------------------
+
+    async def _push(
+        self, hop: _HopSession, target: NextHop, request: dict[str, Any], data: bytes
+    ) -> bool:
+        """Push a step's output to the next server: whether it went (see ``pushed``).
+
+        The first push to a session's next server is awaited (dial included, up to
+        ``ServerLimits.push_timeout_s``) and its outcome reported. Once one was
+        acknowledged, later pushes over the open connection run on their own and the
+        client's ``out`` goes at once, so that a token crosses each link once (waiting for
+        each acknowledgement would add a round trip per hop to the client's wait); a
+        refusal then only makes the next push wait again, and the client's step deadline
+        at the next hop covers the step it lost.
+        """
+        timeout = self.limits.push_timeout_s
+        if not hop.next_confirmed or not self.host.connections(target.peer):
+            hop.next_confirmed = await push_step(self.host, target, request, data, timeout=timeout)
+            return hop.next_confirmed
+
+        notifying = {**request, "notify": True}
+
+        async def push() -> None:
+            if not await push_step(self.host, target, notifying, data, timeout=timeout):
+                if hop.next is target:
+                    hop.next_confirmed = False
+
+        task = asyncio.get_running_loop().create_task(push())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return True
+
+    async def _serve_push(
+        self, ctx: RpcContext, request: Any, payload: memoryview | None
+    ) -> dict[str, bool]:
+        """Queue a step the previous server of a chain pushed into one of our sessions.
+
+        A push sent with ``notify`` (the sender did not wait for this answer before
+        answering its client) and refused for a session held here is also told to that
+        session's client (``push_refused``, in order with its answers), which then relays
+        the step itself.
+        """
+        hop: _HopSession | None = None
+        step: int | None = None
+        notify = False
+        try:
+            request = _as_request(request)
+            notify = request.get("notify") is True
+            session_id = session_id_of(request)
+            hop = None if session_id is None else self._sessions.get(session_id)
+            if hop is None:
+                raise UnknownSession("no session with this session_id is open here")
+            step = step_id_of(request)
+            if hop.prev is None or hop.prev != ctx.peer:
+                raise PushNotAllowed(
+                    f"{ctx.peer} is not the previous server this session's client named"
+                )
+            if step is None:
+                raise BadRequest("a push must carry its step id ('step')")
+            compression = compression_of(request)
+            owned = None if payload is None else memoryview(bytes(payload))
+            tensors = unpack_tensors(
+                request.get("tensors"), owned, self.limits.wire, count=range(1, 3)
+            )
+            hidden = tensors[0]
+            mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
+            dtype = hop.session.span.dtype
+            if hidden.is_floating_point() and hidden.dtype != dtype:
+                hidden = hidden.to(dtype)
+            item = PushedStep(step, push_flag_of(request), hidden, mask, compression)
+        except ShardError as e:
+            if notify and hop is not None and step is not None:
+                hop.inbox.offer(_PushRefused(step, e.code))
+            raise RpcError(e.code, str(e)) from None
+        if not hop.inbox.offer(item):
+            raise RpcError(
+                RpcCode.OVERLOADED,
+                f"the session holds ServerLimits.session_queue={self.limits.session_queue} "
+                "inputs already (or is ending); relay through the client",
+            )
+        return {"ok": True}
+
+
+@dataclass(frozen=True, slots=True)
+class _PushRefused:
+    """A push into the session was refused: its client is told, to relay the step."""
+
+    step: int
+    reason: str
+
+
+def _refused(hop: _HopSession, item: _PushRefused) -> RpcReply | None:
+    """The notice of a refused push, unless the step ran meanwhile (relayed by the client)."""
+    if hop.log.is_duplicate(item.step):
+        return None
+    return RpcReply({"op": "push_refused", "step": item.step, "reason": item.reason})
+
+
+class _HopSession:
+    """One open inference session: its cache, its client's call, its inbox and neighbours."""
+
+    def __init__(
+        self,
+        session_id: bytes,
+        session: InferenceSession,
+        call: RpcStream,
+        inbox: Inbox[RpcReply | PushedStep | object],
+        task: asyncio.Task[Any],
+    ) -> None:
+        self.session_id = session_id
+        self.task = task
+        self.session = session
+        self.call = call
+        self.inbox = inbox
+        self.log = StepLog()
+        self.prev: PeerId | None = None
+        self.next: NextHop | None = None
+        self.next_confirmed = False
+        """Whether ``next`` acknowledged a push: later pushes then go without waiting."""
+        self.warming: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.warming is not None:
+            self.warming.cancel()
+            await asyncio.gather(self.warming, return_exceptions=True)
+        self.session.close()
+
+
+_END = object()
+"""The client closed its side: the session ends after what it sent."""
+_LEAVE = object()
+"""The server is leaving: the session is told so and ends at once."""
 
 
 def _as_request(value: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ They extend the package's tree (``_errors.py``)::
     ├── SessionTimeout          an inference session idled past ServerLimits.session_idle_timeout_s
     ├── ServerShuttingDown      the server is leaving and opens no new session
     ├── ServerError             a server answered with an error this client does not know
+    ├── PushNotAllowed          a push from a peer that is not the session's previous server
     └── BadRequest
         ├── UnknownSession      a step or rollback on a session the server does not hold
         └── BlockNotServed      a request for a model or blocks the server does not hold
@@ -44,6 +45,12 @@ class ServerError(ShardError):
     def __init__(self, message: str, *, remote_code: str) -> None:
         super().__init__(message)
         self.remote_code = remote_code
+
+
+class PushNotAllowed(ShardError):
+    """A push into a session from a peer other than the one its client named as ``prev``."""
+
+    code = "not_allowed"
 
 
 class UnknownSession(BadRequest):

@@ -1,16 +1,41 @@
 """The shard server's protocols: names, message fields, and tensors carried as payloads.
 
-Three protocols over the ``p2p`` Host's RPC (msgpack values, raw payloads):
+Four protocols over the ``p2p`` Host's RPC (msgpack values, raw payloads):
 
-``INFERENCE`` (streaming call; one message each way per request, in order)::
+``INFERENCE`` (streaming call; one answer per request, in order)::
 
-    -> {"op": "open", "model": id, "start": a, "end": b, "batch": n, "max_length": L}
+    -> {"op": "open", "model": id, "start": a, "end": b, "batch": n, "max_length": L,
+        "session_id": sid, "prev": peer | None, "next": {"peer", "addrs", "session_id"} | None}
     <- {"op": "opened", "position": 0}                      (or an error, then the call ends)
-    -> {"op": "step", "tensors": [h, m], "compression": c}  payload: hidden [, mask]
-    <- {"op": "out", "position": p, "tensors": [h]}         payload: hidden
+    -> {"op": "step", "step": s, "push": bool, "tensors": [h, m], "compression": c}
+                                                            payload: hidden [, mask]
+    <- {"op": "out", "step": s, "position": p, "tensors": [h], "pushed": bool}
+                                                            payload: hidden
+    -> {"op": "link", "prev": peer | None, "next": {...} | None}
+    <- {"op": "ok", "position": p}
     -> {"op": "rollback", "position": p}
     <- {"op": "ok", "position": p}
     -> (the client closes its side: the session is closed and its cache freed)
+
+``session_id``, ``prev``, ``next``, ``step`` and ``push`` are optional (a client that
+sends none gets the plain lock-step protocol). A step whose id is at most the last one
+run is a duplicate: the client gets the last ``out`` again. With ``push`` and a ``next``,
+the output (and the mask, unchanged) goes on to the next server's session by ``PUSH``
+before the ``out`` is sent; ``pushed`` says whether the next server took it. A step
+pushed into a session is answered by an ``out`` on that session's own stream. Once a
+push to the next session was acknowledged, later ones go without waiting for their
+acknowledgement (``pushed`` is then true at once); if such a push is refused, the next
+server tells its own client ``{"op": "push_refused", "step": s, "reason": code}`` on that
+session's stream, and the client relays the step. A server that leaves sends
+``{"error": "server_shutting_down", ...}`` and ends the call.
+
+``PUSH`` (unary, server to server)::
+
+    -> {"session_id": sid, "step": s, "push": bool, "tensors": [h, m], "compression": c,
+        "notify": bool}                                     payload: hidden [, mask]
+    <- {"ok": true}                 once queued on the session (before it runs), or the
+                                    RPC error unknown_session, not_allowed, bad_request,
+                                    malformed_tensor or overloaded
 
 ``FORWARD`` / ``BACKWARD`` (unary): ``{"model", "start", "end", "tensors", "compression"}``
 with hidden [, mask] (forward) or hidden, grad_output [, mask] (backward) as the payload;
@@ -36,6 +61,7 @@ from ._wire import Compression, decode_tensor, encode_tensor
 INFERENCE_PROTOCOL = "/swarm/shards/inference/1.0.0"
 FORWARD_PROTOCOL = "/swarm/shards/forward/1.0.0"
 BACKWARD_PROTOCOL = "/swarm/shards/backward/1.0.0"
+PUSH_PROTOCOL = "/swarm/shards/push/1.0.0"
 
 MAX_TENSORS = 4
 """Most tensors one message carries."""

@@ -357,8 +357,86 @@ def load_span(
     quantization = resolve_quantization(quantization, device)
     if manifest is not None:
         _check_manifest_matches(manifest, checkpoint, family)
+    blocks = _load_blocks(
+        checkpoint, family, range(start, end), dtype, device, quantization, manifest, progress
+    )
+    return Span(
+        family,
+        blocks,
+        start,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        limits=limits,
+    )
+
+
+def respan(
+    span: Span,
+    source: Checkpoint,
+    start: int,
+    end: int,
+    *,
+    manifest: Manifest | None = None,
+    progress: Progress | None = None,
+) -> Span:
+    """The blocks ``[start, end)`` of ``span``'s model, loading only those ``span`` lacks.
+
+    Blocks in both spans are ``span``'s own modules (shared, not copied); the others are
+    read from ``source`` (hashed against ``manifest`` when given) and built in ``span``'s
+    dtype, quantization and device. Once ``span`` is dropped, the blocks the new span does
+    not hold are freed: memory follows the span. ``progress(done, total)`` counts the blocks
+    loaded.
+    """
+    family = span.family
+    if not 0 <= start < end <= family.num_blocks:
+        raise ValueError(
+            f"span [{start}, {end}) is not inside the model's {family.num_blocks} blocks"
+        )
+    if manifest is not None:
+        _check_manifest_matches(manifest, source, family)
+    kept = {span.start + offset: block for offset, block in enumerate(span.blocks)}
+    missing = [index for index in range(start, end) if index not in kept]
+    loaded = dict(
+        zip(
+            missing,
+            _load_blocks(
+                source,
+                family,
+                missing,
+                span.dtype,
+                span.device,
+                span.quantization,
+                manifest,
+                progress,
+            ),
+            strict=True,
+        )
+    )
+    return Span(
+        family,
+        [kept[index] if index in kept else loaded[index] for index in range(start, end)],
+        start,
+        dtype=span.dtype,
+        device=span.device,
+        quantization=span.quantization,
+        limits=span.limits,
+    )
+
+
+def _load_blocks(
+    checkpoint: Checkpoint,
+    family: ModelFamily,
+    indices: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: Quantization,
+    manifest: Manifest | None,
+    progress: Progress | None,
+) -> list[nn.Module]:
+    """Read, check and build the blocks ``indices``, one at a time."""
     blocks = []
-    for index in range(start, end):
+    for done, index in enumerate(indices, 1):
         names = block_names(checkpoint, family, index)
         tensors = checkpoint.read(names)
         if manifest is not None:
@@ -370,16 +448,8 @@ def load_span(
         del tensors
         blocks.append(_build_block(family, index, state, dtype, device, quantization))
         if progress is not None:
-            progress(index - start + 1, end - start)
-    return Span(
-        family,
-        blocks,
-        start,
-        dtype=dtype,
-        device=device,
-        quantization=quantization,
-        limits=limits,
-    )
+            progress(done, len(indices))
+    return blocks
 
 
 def _check_manifest_matches(

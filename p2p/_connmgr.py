@@ -17,6 +17,9 @@ from transport._multiaddr import Multiaddr
 from ._errors import LimitExceeded
 from ._limits import ConnectionLimits
 
+RELAYED = "circuit"
+"""``transport_name`` of relayed connections, used only when no direct one is open."""
+
 
 @dataclass(slots=True, eq=False)
 class ConnectionRecord:
@@ -57,17 +60,22 @@ class ConnectionManager:
         return self._count
 
     def get(self, peer: PeerId) -> ConnectionRecord | None:
-        """The connection to reuse for ``peer``: its oldest open one."""
+        """The connection to reuse for ``peer``: its oldest open direct one, else its
+        oldest open relayed one."""
         records = self._by_peer.get(peer)
         if not records:
             return None
         first = records[0]
-        if not first.closing and not first.conn.is_closed:
+        if not first.closing and not first.conn.is_closed and first.conn.transport_name != RELAYED:
             return first
+        fallback = None
         for record in records:
-            if not record.closing and not record.conn.is_closed:
+            if record.closing or record.conn.is_closed:
+                continue
+            if record.conn.transport_name != RELAYED:
                 return record
-        return None
+            fallback = fallback or record
+        return fallback
 
     def records(self, peer: PeerId | None = None) -> list[ConnectionRecord]:
         if peer is not None:

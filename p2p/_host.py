@@ -57,6 +57,7 @@ from ._identify import (
     request_identify,
     serve_identify,
 )
+from ._interfaces import expand_wildcards
 from ._limits import HostLimits
 from ._negotiate import Inbound, lazy_prefix, negotiate_inbound
 from ._peerstore import PeerStore
@@ -148,8 +149,9 @@ class Host:
         return self._observed.counts()
 
     def _advertised(self) -> list[Multiaddr]:
-        """Listen addresses, then confirmed observed ones of a transport we listen on."""
-        listen = self.listen_addrs
+        """Listen addresses (a wildcard IP replaced by this machine's interface addresses),
+        then confirmed observed ones of a transport we listen on."""
+        listen = expand_wildcards(self.listen_addrs)
         kinds = {addr.transport_kind for addr in listen}
         return listen + [
             addr
@@ -159,8 +161,15 @@ class Host:
 
     @property
     def addrs(self) -> list[Multiaddr]:
-        """Listen addresses plus confirmed observed ones, each ending in ``/p2p/<our id>``."""
+        """Where others can dial us, each ending in ``/p2p/<our id>``: the listen addresses
+        (``0.0.0.0`` and ``::`` replaced by the interfaces' addresses, relayed ones
+        included), then observed ones that several peers confirmed."""
         return [addr.with_p2p(self.peer_id) for addr in self._advertised()]
+
+    @property
+    def transports(self) -> tuple[Transport, ...]:
+        """The transports this Host dials and listens with."""
+        return self._transports
 
     @property
     def protocols(self) -> frozenset[str]:
@@ -303,6 +312,19 @@ class Host:
         self._check_running()
         self._adopt(conn, outbound=True)
 
+    def retire(self, conn: Connection) -> None:
+        """Open no new stream on ``conn`` and close it once the streams on it have ended
+        (hole punching retires the relayed connection its direct one replaces)."""
+        for record in self._connmgr.records(conn.remote_peer):
+            if record.conn is conn and not record.closing:
+                record.closing = True
+                self._spawn(self._close_when_idle(record))
+
+    async def _close_when_idle(self, record: ConnectionRecord) -> None:
+        while record.streams and not record.conn.is_closed:  # noqa: ASYNC110 - counts change
+            await asyncio.sleep(self.limits.connections.retire_poll_s)
+        await record.conn.close()
+
     def connections(self, peer: PeerId | None = None) -> list[Connection]:
         """Open connections, to ``peer`` or to everyone."""
         return [record.conn for record in self._connmgr.records(peer)]
@@ -367,12 +389,45 @@ class Host:
                 f"no address known for {target}; connect to one of its multiaddrs first",
                 peer=target,
             )
+        return await self._dial_staggered(target, addrs)
+
+    async def _dial_staggered(self, target: PeerId, addrs: list[Multiaddr]) -> ConnectionRecord:
+        """Dial ``addrs`` in order, each ``dial_stagger_s`` after the previous one unless it
+        failed sooner; the first connection wins, the other attempts are cancelled (or
+        their connections closed)."""
+        loop = asyncio.get_running_loop()
+        stagger = self.limits.connections.dial_stagger_s
+        remaining = list(addrs)
+        running: set[asyncio.Task[ConnectionRecord]] = set()
         failures: list[DialFailed] = []
-        for addr in addrs:
-            try:
-                return await self._dial_addr(addr, target)
-            except DialFailed as exc:
-                failures.append(exc)
+        won: ConnectionRecord | None = None
+        try:
+            while won is None and (remaining or running):
+                if remaining:
+                    running.add(loop.create_task(self._dial_addr(remaining.pop(0), target)))
+                done, running = await asyncio.wait(
+                    running,
+                    timeout=stagger if remaining else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    exc = task.exception()
+                    if exc is None and won is None:
+                        won = task.result()
+                    elif exc is None:
+                        await task.result().conn.close()
+                    elif isinstance(exc, DialFailed):
+                        failures.append(exc)
+                    else:
+                        raise exc
+        finally:
+            for task in running:
+                task.cancel()
+            for result in await asyncio.gather(*running, return_exceptions=True):
+                if isinstance(result, ConnectionRecord):
+                    await result.conn.close()
+        if won is not None:
+            return won
         lines = "\n".join(f"  {exc}" for exc in failures)
         raise PeerUnreachable(
             f"could not reach {target} at any of its {len(addrs)} addresses:\n{lines}",

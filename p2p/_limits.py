@@ -43,8 +43,16 @@ class ConnectionLimits:
 
     TCP comes first because the QUIC stack (aioquic) is CPU-bound in Python, so TCP
     moves bulk data several times faster; QUIC stays the way through NATs for peers
-    that only publish a QUIC address. Kinds left out are tried last, in address order.
+    that only publish a QUIC address. Kinds left out (relay circuits) are tried last, in
+    address order.
     """
+    dial_stagger_s: float = 0.25
+    """Dialing a peer by PeerID tries its addresses in order, starting the next one when
+    the previous failed or after this long (the slow ones still run): an address that
+    cannot answer (another LAN's, a NATed one) delays a working one by this much, not by
+    the dial timeout. The first connection made wins and the other attempts stop."""
+    retire_poll_s: float = 0.1
+    """How often a retired connection (``Host.retire``) is checked for its last stream."""
 
 
 @dataclass(frozen=True, slots=True)

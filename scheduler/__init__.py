@@ -6,7 +6,8 @@ a ``random.Random`` the caller passes. Imports without torch or numpy.
 
 * Model: ``ServerInfo`` (peer id, span, throughput in block-tokens/s, state, cache room,
   quantization, dtype, measured RTTs, reputation), ``SwarmSnapshot``.
-* Placement: ``choose_span`` (``join --blocks auto``).
+* Placement: ``choose_span`` (``join --blocks auto``), ``concurrent_view`` (two servers
+  that chose at the same moment: the lower peer id keeps its choice).
 * Rebalancing: ``should_move`` / ``plan_rebalance``, ``next_check_at``.
 * Routing: ``route_min_latency`` (generation), ``route_for_throughput`` (batch work),
   ``replace_span`` (failover), ``Route`` / ``Hop``.
@@ -24,7 +25,7 @@ from ._errors import (
     UnknownServer,
 )
 from ._model import PeerKey, ServerInfo, ServerState, SwarmSnapshot, peer_order
-from ._placement import choose_span
+from ._placement import choose_span, concurrent_view
 from ._rebalance import MoveDecision, RebalancePlan, next_check_at, plan_rebalance, should_move
 from ._routing import Hop, Route, replace_span, route_for_throughput, route_min_latency
 from ._settings import DEFAULT_SETTINGS, SchedulerSettings
@@ -49,6 +50,7 @@ __all__ = [
     "SwarmSnapshot",
     "UnknownServer",
     "choose_span",
+    "concurrent_view",
     "next_check_at",
     "peer_order",
     "plan_rebalance",

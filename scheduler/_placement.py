@@ -8,6 +8,14 @@ largest lexicographically: first the minimum, then the second-weakest block, and
 A server of unknown throughput (0) changes nothing that way; it takes the neediest
 window (smallest sorted throughputs inside it). Remaining ties go to the lowest start.
 Online and joining servers count: a joining server's blocks are taken.
+
+Two servers that choose at the same moment see the same swarm and would take the same
+blocks. Each announces its choice as joining, waits a little, reads the swarm again and
+judges its choice in ``concurrent_view``: of the servers whose span changed meanwhile
+(they chose at the same moment), those ranking after it by ``peer_order`` are shown as
+they were, the others as they are now. The server of the lowest peer id thus keeps its
+choice, and every other one, seeing it, chooses again: no two take a gap blindly, and
+no two both give it up.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from ._errors import SchedulerConfigError
-from ._model import SwarmSnapshot, capacity_units, is_active, to_units
+from ._model import PeerKey, SwarmSnapshot, capacity_units, is_active, peer_order, to_units
 
 _INF = math.inf
 
@@ -67,3 +75,23 @@ def best_start(caps: Sequence[int], length: int, throughput: int) -> int:
         if best < 0 or key > best_key:
             best, best_key = start, key
     return best
+
+
+def concurrent_view(snapshot: SwarmSnapshot, earlier: SwarmSnapshot, me: PeerKey) -> SwarmSnapshot:
+    """``snapshot`` as server ``me`` judges a choice it made from ``earlier``.
+
+    A server (other than ``me``) whose span in ``snapshot`` differs from its span in
+    ``earlier``, or that ``earlier`` did not hold, chose at the same moment as ``me``. If
+    it ranks after ``me`` (``peer_order``) it yields: the view shows it as ``earlier`` did
+    (or not at all). Every other server is shown as in ``snapshot``, ``me`` included.
+    """
+    mine = peer_order(me)
+    servers = []
+    for server in snapshot.servers:
+        before = earlier.server(server.peer_id) if server.peer_id in earlier else None
+        moved = before is None or (before.start, before.end) != (server.start, server.end)
+        if server.peer_id == me or not moved or peer_order(server.peer_id) < mine:
+            servers.append(server)
+        elif before is not None:
+            servers.append(before)
+    return SwarmSnapshot(snapshot.num_blocks, tuple(servers))

@@ -5,15 +5,25 @@ order; a hop may use part of a server's span (a server on ``[0, 12)`` may be ask
 ``[4, 12)``). Only online servers with throughput and reputation above 0, not banned
 (and, for generation, with room for the session's cache) are routed to.
 
-* ``route_min_latency`` (generation): the chain of least expected latency per step,
-  ``rtt(client, first) + sum(rtt(hop, next hop)) + rtt(last, client)`` plus each hop's
-  compute, ``blocks * num_tokens / throughput``. A round trip is the one the sender
-  measured (``ServerInfo.rtts``, ``client_rtts``), else the one the receiver measured,
-  else ``SchedulerSettings.default_rtt_s``. Solved exactly by dynamic programming over
-  block boundaries: a state is (boundary, server that processed the block before it),
-  and from it the chain either keeps that server for one more block or hops to another
-  server that serves the next block. The work is about the sum of the spans plus the
-  measured round trips per boundary: 800 servers route in tens of milliseconds.
+* ``route_min_latency`` (generation): the chain of least expected latency per step:
+  each hop's compute, ``blocks * num_tokens / throughput``, plus the network, which
+  depends on how hidden states travel:
+
+  - ``push=True`` (servers push their outputs to the next server, the default): one
+    pass along the chain, ``(rtt(client, first) + sum(rtt(hop, next hop)) +
+    rtt(last, client)) / 2``: every link is crossed one way, costing half its round
+    trip. Server-to-server round trips are the ones the servers measured and published
+    (``ServerInfo.rtts``).
+  - ``push=False`` (the client relays every hop): ``sum(rtt(client, hop))``, a client
+    round trip per hop; server-to-server round trips do not matter.
+
+  A round trip is the one the sender measured (``ServerInfo.rtts``, ``client_rtts``),
+  else the one the receiver measured, else ``SchedulerSettings.default_rtt_s``. Solved
+  exactly by dynamic programming over block boundaries: a state is (boundary, server
+  that processed the block before it), and from it the chain either keeps that server
+  for one more block or hops to another server that serves the next block. The work is
+  about the sum of the spans plus the measured round trips per boundary: 800 servers
+  route in tens of milliseconds.
 * ``route_for_throughput`` (batch forward/backward): at each boundary, starting at 0,
   draw one of the servers serving the next block with probability proportional to
   ``throughput * reputation``, and use it to the end of its span: a server ten times as
@@ -109,6 +119,7 @@ def route_min_latency(
     banned: Collection[PeerKey] = (),
     num_tokens: int = 1,
     min_cache_tokens: int = 0,
+    push: bool = True,
     settings: SchedulerSettings = DEFAULT_SETTINGS,
 ) -> Route:
     """The chain over all blocks with the least expected latency per step.
@@ -116,6 +127,9 @@ def route_min_latency(
     ``client_rtts``: round trips (s) the client measured to servers. ``num_tokens``:
     tokens per step (1 for a generation step, the prompt length for a prefill).
     ``min_cache_tokens``: skip servers announcing less cache room than the session needs.
+    ``push``: whether servers push hidden states to the next hop (latency of one pass
+    along the chain, using the servers' published round trips) or the client relays
+    them (a client round trip per hop); see the module docstring.
     Raises ``MissingBlocksError`` if some block has no eligible server.
     """
     if num_tokens < 1:
@@ -129,6 +143,7 @@ def route_min_latency(
         _Ends(None, None, dict(client_rtts or {})),
         num_tokens,
         settings.default_rtt_s,
+        push,
     )
 
 
@@ -171,13 +186,15 @@ def replace_span(
     client_rtts: Mapping[PeerKey, float] | None = None,
     num_tokens: int = 1,
     min_cache_tokens: int = 0,
+    push: bool = True,
     settings: SchedulerSettings = DEFAULT_SETTINGS,
 ) -> Route:
     """The least-latency sub-route over exactly the blocks of ``route.hops[failed_hop]``.
 
     It runs from the hop before (or the client) to the hop after (or the client), and
     never uses the failed server or a ``banned`` one; it may use the servers of the
-    neighbouring hops (at no round-trip cost between a server and itself). Splice it in
+    neighbouring hops (with ``push``, at no cost between a server and itself; without,
+    every hop costs a client round trip, as in ``route_min_latency``). Splice it in
     with ``route.splice(failed_hop, sub_route)``. Raises ``MissingBlocksError`` if no
     other server serves some of those blocks.
     """
@@ -198,7 +215,7 @@ def replace_span(
         dict(client_rtts or {}),
     )
     return _least_latency(
-        snapshot, servers, hop.start, hop.end, ends, num_tokens, settings.default_rtt_s
+        snapshot, servers, hop.start, hop.end, ends, num_tokens, settings.default_rtt_s, push
     )
 
 
@@ -278,9 +295,12 @@ def _least_latency(
     ends: _Ends,
     num_tokens: int,
     default_rtt: float,
+    push: bool,
 ) -> Route:
     """Exact least-latency chain over ``[start, end)`` (see the module docstring)."""
     _check_covered(snapshot, servers, start, end)
+    if not push:
+        return _least_relayed(servers, start, end, ends, num_tokens, default_rtt)
     position = {s.peer_id: i for i, s in enumerate(servers)}
     compute = [num_tokens / s.throughput for s in servers]
     # Round trips measured between eligible servers, by receiver then sender.
@@ -289,17 +309,15 @@ def _least_latency(
         for peer, rtt in server.rtts.items():
             j = position.get(peer)
             if j is not None and j != i:
-                known_in[j][i] = rtt
+                known_in[j][i] = rtt / 2
     for i, server in enumerate(servers):
         for peer, rtt in server.rtts.items():
             j = position.get(peer)
             if j is not None and j != i:
-                known_in[i].setdefault(j, rtt)
-    covering: list[list[int]] = [[] for _ in range(end - start)]
-    for i, server in enumerate(servers):
-        for block in range(max(server.start, start), min(server.end, end)):
-            covering[block - start].append(i)
-    from_source = [_rtt(ends.source, s, ends.client_rtts, default_rtt) for s in servers]
+                known_in[i].setdefault(j, rtt / 2)
+    covering = _covering(servers, start, end)
+    # With push, a link is crossed one way: half its round trip.
+    from_source = [_rtt(ends.source, s, ends.client_rtts, default_rtt) / 2 for s in servers]
     # arrived[k][i] = (cost, hop start, previous server) once server i has run block
     # start + k - 1 as the last block so far; the source "arrives" at the start.
     arrived: list[dict[int, tuple[float, int, int]]] = [{_SOURCE: (0.0, start, _SOURCE)}]
@@ -312,7 +330,7 @@ def _least_latency(
             for cost, prev in ranked:
                 if prev == i or prev in known_in[i]:
                     continue
-                link = from_source[i] if prev == _SOURCE else default_rtt
+                link = from_source[i] if prev == _SOURCE else default_rtt / 2
                 candidate = (cost + link, start + k, prev)
                 if prev != _SOURCE:
                     if best is None or candidate[0] < best[0]:
@@ -329,9 +347,59 @@ def _least_latency(
         arrived.append(step)
     final = arrived[-1]
     total, last = min(
-        (cost + _rtt(servers[i], ends.sink, ends.client_rtts, default_rtt), i)
+        (cost + _rtt(servers[i], ends.sink, ends.client_rtts, default_rtt) / 2, i)
         for i, (cost, _, _) in final.items()
     )
+    return _backtrack(servers, arrived, start, end, last, total)
+
+
+def _least_relayed(
+    servers: list[ServerInfo],
+    start: int,
+    end: int,
+    ends: _Ends,
+    num_tokens: int,
+    default_rtt: float,
+) -> Route:
+    """Least-latency chain when the client relays: each hop costs its client round trip."""
+    compute = [num_tokens / s.throughput for s in servers]
+    enter = [_rtt(None, s, ends.client_rtts, default_rtt) for s in servers]
+    covering = _covering(servers, start, end)
+    arrived: list[dict[int, tuple[float, int, int]]] = [{_SOURCE: (0.0, start, _SOURCE)}]
+    for k in range(end - start):
+        here = arrived[k]
+        ranked = sorted((cost, i) for i, (cost, _, _) in here.items())
+        step: dict[int, tuple[float, int, int]] = {}
+        for i in covering[k]:
+            best = here.get(i)
+            other = next(((c, p) for c, p in ranked if p != i), None)
+            if other is not None and (best is None or other[0] + enter[i] < best[0]):
+                best = (other[0] + enter[i], start + k, other[1])
+            assert best is not None
+            step[i] = (best[0] + compute[i], best[1], best[2])
+        arrived.append(step)
+    total, last = min((cost, i) for i, (cost, _, _) in arrived[-1].items())
+    return _backtrack(servers, arrived, start, end, last, total)
+
+
+def _covering(servers: list[ServerInfo], start: int, end: int) -> list[list[int]]:
+    """For each block of ``[start, end)``, the indices of the servers serving it."""
+    covering: list[list[int]] = [[] for _ in range(end - start)]
+    for i, server in enumerate(servers):
+        for block in range(max(server.start, start), min(server.end, end)):
+            covering[block - start].append(i)
+    return covering
+
+
+def _backtrack(
+    servers: list[ServerInfo],
+    arrived: list[dict[int, tuple[float, int, int]]],
+    start: int,
+    end: int,
+    last: int,
+    total: float,
+) -> Route:
+    """The route the dynamic programme's states lead back to from ``last`` at ``end``."""
     hops: list[Hop] = []
     boundary, current = end, last
     while current != _SOURCE:

@@ -6,7 +6,12 @@ SecurityError
 ├── InvalidCertificate     a TLS certificate lacks or breaks the libp2p extension
 ├── KeyFileError           a key file is missing, malformed or readable by others
 ├── EnvelopeError          a signed envelope is malformed, of the wrong domain, or replayed
-└── ProofOfWorkError       an identity's proof-of-work is missing or too weak
+├── ProofOfWorkError       an identity's proof-of-work is missing or too weak
+├── ReputationFileError    a saved reputation book is damaged or too large
+└── EvidenceError          a signed answer or a piece of evidence cannot be used
+    ├── MalformedEvidence  it does not parse, or breaks an ``EvidenceLimits`` bound
+    └── InvalidEvidence    it parses but does not hold: a signature fails, answers are to
+                           different questions, the material does not match its digests
 """
 
 from __future__ import annotations
@@ -43,3 +48,19 @@ class ProofOfWorkError(SecurityError):
         super().__init__(message)
         self.difficulty = difficulty
         self.required = required
+
+
+class ReputationFileError(SecurityError):
+    """A saved reputation book cannot be read back."""
+
+
+class EvidenceError(SecurityError):
+    """A signed answer or a piece of evidence was rejected."""
+
+
+class MalformedEvidence(EvidenceError):
+    """Evidence that does not parse or breaks a size bound."""
+
+
+class InvalidEvidence(EvidenceError):
+    """Evidence that parses but does not hold."""

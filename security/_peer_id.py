@@ -60,6 +60,8 @@ class PeerId:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PeerId:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidPeerId(f"a PeerID is bytes, got {type(data).__name__}")
         return cls(bytes(data))
 
     @classmethod

@@ -1,9 +1,14 @@
-"""``swarm bootstrap``: a DHT node that serves no blocks, for others to join through."""
+"""``swarm bootstrap``: a DHT node that serves no blocks, for others to join through.
+
+It runs NAT traversal like ``join``: reachable from the internet, it relays for the
+nodes that are not (and checks their reachability); mDNS as in ``join``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from ._join import add_mdns_argument
 from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, stop_signal
 
 
@@ -23,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
     )
     parser.add_argument("--identity", help="key file (created if missing); default: a new key")
+    add_mdns_argument(parser)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -32,6 +38,8 @@ async def run(args: argparse.Namespace) -> int:
         args.listen or DEFAULT_LISTEN,
         args.bootstrap,
         server_mode=True,
+        nat=True,
+        mdns=not args.no_mdns,
     )
     try:
         for addr in host.addrs:

@@ -1,21 +1,39 @@
 """``swarm join``: serve blocks of a model until Ctrl-C, then leave gracefully.
 
 Prints, on stdout, one ``listening on <multiaddr>`` line per address as soon as the node
-listens (others bootstrap from it), ``joining: blocks I:J of NAME`` once the span is
+listens (others bootstrap from it; a wildcard listen address is shown as the interface
+addresses it stands for), ``joining: blocks I:J of NAME`` once the span is
 chosen and announced, and ``online: blocks I:J of NAME`` once it serves; ``offline`` after
 a graceful stop. Logs go to stderr.
+
+NAT traversal is always on (``swarm._peer``): a node that learns it cannot be reached
+from the internet joins the DHT as a client and serves its blocks through a relay. mDNS
+is on unless ``--no-mdns``, on the private LAN addresses the node listens on; with no
+``--bootstrap`` the node first waits up to ``LAN_WAIT_S`` for a LAN peer, so that the
+blocks it picks complement those its home cluster serves already.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dht import DHT
+from p2p.discovery import lan_interfaces
 
 from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, stop_signal
 
+if TYPE_CHECKING:
+    from model_shards._server_limits import ServerLimits
+
 _log = logging.getLogger("swarm.join")
+
+LAN_WAIT_S = 3.0
+"""With mDNS and no ``--bootstrap``: how long to wait for a LAN peer before picking blocks."""
 
 
 def parse_blocks(text: str) -> tuple[int, int] | None:
@@ -41,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quant", choices=["none", "int8", "nf4"], help="default: nf4 on CUDA")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: first CUDA device, else cpu)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (first CUDA device, else cpu), cpu, cuda or cuda:N"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--bootstrap",
@@ -59,6 +79,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--identity", help="key file (created if missing); default: a new key")
     parser.add_argument("--cache-dir", type=Path, help="swarm cache (throughputs)")
+    parser.add_argument(
+        "--no-rebalance",
+        action="store_true",
+        help="stay on the chosen blocks (default: move when the swarm needs it elsewhere)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="on shutdown, seconds open sessions may finish before they are handed back "
+        "(default: ServerLimits.drain_timeout_s)",
+    )
+    add_mdns_argument(parser)
+
+
+def add_mdns_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not announce or discover peers on the LAN (mDNS runs only on private LAN "
+        "addresses the node listens on: never with the default loopback --listen)",
+    )
+
+
+async def wait_for_lan_peers(dht: DHT, timeout: float) -> None:
+    """Return once the DHT knows a peer, or after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not len(dht.routing_table) and loop.time() < deadline:  # noqa: ASYNC110 - polls
+        await asyncio.sleep(0.1)
+
+
+def server_limits(drain_timeout_s: float | None) -> ServerLimits:
+    """The server's limits, with the drain time given on the command line."""
+    from model_shards._server_limits import ServerLimits
+
+    limits = ServerLimits()
+    if drain_timeout_s is None:
+        return limits
+    return dataclasses.replace(limits, drain_timeout_s=drain_timeout_s)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -75,17 +134,27 @@ async def run(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=args.threads,
         swarm_cache_dir=args.cache_dir,
+        limits=server_limits(args.drain_timeout),
+        rebalance=not args.no_rebalance,
     )
     stop = stop_signal()
     identity = identity_from(args.identity)
     host, dht = await start_peer(
-        identity, args.listen or DEFAULT_LISTEN, args.bootstrap, server_mode=True
+        identity,
+        args.listen or DEFAULT_LISTEN,
+        args.bootstrap,
+        server_mode=True,
+        nat=True,
+        mdns=not args.no_mdns,
     )
     try:
         for addr in host.addrs:
             say(f"listening on {addr}")
         if not args.bootstrap:
-            _log.info("no --bootstrap: this node starts a new swarm")
+            if not args.no_mdns and lan_interfaces(host.listen_addrs):
+                await wait_for_lan_peers(dht, LAN_WAIT_S)
+            if not len(dht.routing_table):
+                _log.info("no --bootstrap and no LAN peer: this node starts a new swarm")
 
         def joining(record: ServerRecord) -> None:
             say(f"joining: blocks {record.start}:{record.end}")

@@ -2,11 +2,14 @@
 
 Used by ``demo`` (and by tests and benchmarks). Each child runs in its own session (a
 Ctrl-C in the parent's terminal reaches the parent only, which stops the children itself),
-its stdout lines are read by a thread into a queue, its stderr goes to a log file.
+its stdout lines are read by a thread into a queue, its stderr goes to a log file. On Linux
+a child also gets SIGTERM when the thread that started it dies (killed test runs and crashed
+demos leave no node behind); start children from a thread that outlives them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import signal
@@ -16,6 +19,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent goes away."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class NodeFailed(RuntimeError):
@@ -44,6 +54,7 @@ class NodeProcess:
             bufsize=1,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self.lines: list[str] = []
         """The stdout lines read so far (all of them once the process is stopped)."""

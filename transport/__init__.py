@@ -7,6 +7,7 @@ Imports without torch or numpy. Every transport implements the contracts of
 import inspect
 
 from ._base import ByteStream, Connection, ConnectionHandler, Listener, Stream, Transport
+from ._delay import DelayTransport, link_delay_from_env
 from ._errors import (
     ConnectionClosed,
     DialError,
@@ -33,6 +34,7 @@ from ._multiaddr import Multiaddr
 from ._multistream import handle_protocols, select_protocol
 from ._quic import QuicTransport
 from ._tcp import TcpTransport
+from ._upgrade import StreamUpgrader, UpgradedStream
 
 __all__ = [
     # implementations
@@ -43,6 +45,7 @@ __all__ = [
     # errors
     "ConnectionClosed",
     "ConnectionHandler",
+    "DelayTransport",
     "DialError",
     "HandshakeError",
     "LimitExceeded",
@@ -63,13 +66,16 @@ __all__ = [
     "StreamClosed",
     "StreamError",
     "StreamReset",
+    "StreamUpgrader",
     "TcpLimits",
     "TcpTransport",
     "Transport",
     "TransportError",
     "TransportLimits",
+    "UpgradedStream",
     "YamuxLimits",
     "handle_protocols",
+    "link_delay_from_env",
     "select_protocol",
 ]
 

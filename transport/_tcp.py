@@ -5,14 +5,14 @@ Each connection climbs the same ladder on both sides:
 1. a TCP connection (``TCP_NODELAY``) whose protocol, ``_Pipe``, serves the negotiations;
 2. multistream-select agrees on ``/tls/1.0.0`` (the dialer proposes);
 3. TLS 1.3 on the same socket, ALPN ``libp2p``, each side presenting the self-signed
-   certificate of ``security.make_tls_certificate``. OpenSSL is told to accept any
-   certificate (``_tls_verify``); the libp2p extension is then verified here and gives
-   the remote PeerID, which the dialer compares with the one it expected;
+   certificate of ``security.make_tls_certificate``, the remote's libp2p extension
+   verified and compared with the PeerID the dialer expected;
 4. multistream-select, inside TLS, agrees on ``/yamux/1.0.0``;
 5. the TLS transport becomes a ``YamuxConnection``, which takes over as its protocol
    with whatever the peer already sent behind the negotiation.
 
-Steps 2 to 4 are bounded by ``TcpLimits.handshake_timeout_s``. Every inbound handshake
+Steps 2 to 5 are the ladder of ``_upgrade`` (which also runs it over relayed streams);
+steps 2 to 4 are bounded by ``TcpLimits.handshake_timeout_s``. Every inbound handshake
 runs in its own task, so garbage or silent clients cost the listener one timed-out task
 and nothing else.
 """
@@ -20,159 +20,22 @@ and nothing else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
-import ssl
-import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import cast
 
-from security import (
-    LIBP2P_ALPN,
-    InvalidCertificate,
-    KeyPair,
-    PeerId,
-    TlsCertificate,
-    make_tls_certificate,
-    peer_id_from_certificate,
-)
+from security import KeyPair, PeerId, make_tls_certificate
 
 from ._base import ConnectionHandler
-from ._errors import (
-    DialError,
-    HandshakeError,
-    MultiaddrError,
-    PeerIdMismatch,
-    StreamClosed,
-    TransportError,
-)
+from ._errors import DialError, HandshakeError, MultiaddrError, PeerIdMismatch, TransportError
 from ._limits import TransportLimits
 from ._multiaddr import Multiaddr
-from ._multistream import handle_protocols, select_protocol
-from ._tls_verify import request_any_peer_certificate
+from ._upgrade import TLS_PROTOCOL, YAMUX_PROTOCOL, _Pipe, _TlsContexts, negotiate_upgrade
 from ._yamux_conn import YamuxConnection
 
-TLS_PROTOCOL = "/tls/1.0.0"
-YAMUX_PROTOCOL = "/yamux/1.0.0"
+__all__ = ["TLS_PROTOCOL", "YAMUX_PROTOCOL", "TcpListener", "TcpTransport"]
 
 _log = logging.getLogger(__name__)
-
-
-class _Pipe(asyncio.Protocol):
-    """The connection's protocol until yamux takes over: a ``ByteStream`` for the
-    negotiations, before and inside TLS.
-
-    What the peer sends beyond the negotiation stays buffered and goes to yamux with
-    the transport (``detach``). The buffer is bounded: past ``limit`` unread bytes the
-    socket is no longer read until the handshake reads them.
-    """
-
-    transport: asyncio.Transport
-    """The TCP transport, then the TLS one; set by ``connection_made``."""
-
-    def __init__(self, limit: int, on_connected: Callable[[_Pipe], None] | None = None) -> None:
-        self._limit = limit
-        self._on_connected = on_connected
-        self._buffer = bytearray()
-        self._eof = False
-        self._lost: str | None = None
-        self._reading_paused = False
-        self._writing_paused = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    # -- asyncio.Protocol --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self._on_connected is not None:
-            self._on_connected(self)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > self._limit and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> None:
-        self._eof = True
-        self._wake_reader()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = "the connection was closed" if exc is None else f"the connection broke: {exc}"
-        self._wake_reader()
-        self._wake_writer()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_writer()
-
-    def _wake_reader(self) -> None:
-        waiter, self._read_waiter = self._read_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _wake_writer(self) -> None:
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # -- ByteStream --------------------------------------------------------------------
-
-    async def readexactly(self, n: int) -> bytes:
-        buffer = self._buffer
-        while len(buffer) < n:
-            if self._eof or self._lost is not None:
-                reason = self._lost or "peer closed the connection"
-                raise StreamClosed(f"{reason} after {len(buffer)} of {n} expected bytes")
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            await self._read_waiter
-        data = bytes(buffer[:n])
-        del buffer[:n]
-        if self._reading_paused and len(buffer) <= self._limit:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        return data
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._lost is not None:
-            raise StreamClosed(self._lost)
-        self.transport.write(data)
-        while self._writing_paused and self._lost is None:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-
-    # -- upgrades ----------------------------------------------------------------------
-
-    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> None:
-        """Run the TLS handshake; this pipe then reads and writes through TLS."""
-        if self._buffer:
-            raise HandshakeError(
-                f"peer sent {len(self._buffer)} bytes before its TLS handshake could start"
-            )
-        loop = asyncio.get_running_loop()
-        tls = await loop.start_tls(self.transport, self, context, server_side=server_side)
-        if tls is None:
-            raise HandshakeError("the connection closed during the TLS handshake")
-        self.transport = tls
-
-    def detach(self) -> tuple[asyncio.Transport, bytes]:
-        """Give up the transport: it and what the peer sent past the negotiation."""
-        if self._eof or self._lost is not None:
-            raise StreamClosed("peer closed the connection right after the handshake")
-        received = bytes(self._buffer)
-        self._buffer.clear()
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        return self.transport, received
 
 
 def _tcp_endpoint(addr: Multiaddr) -> tuple[str, int] | None:
@@ -187,67 +50,6 @@ def _tcp_endpoint(addr: Multiaddr) -> tuple[str, int] | None:
 
 def _multiaddr_of(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Multiaddr:
     return Multiaddr.for_tcp(sockaddr[0], sockaddr[1])
-
-
-def _load_credentials(certificate: TlsCertificate, contexts: Iterable[ssl.SSLContext]) -> None:
-    """Load key and certificate into ``contexts`` through a private file deleted at once."""
-    with tempfile.TemporaryDirectory(prefix="swarm-tls-") as directory:
-        path = os.path.join(directory, "credentials.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(certificate.key_pem + certificate.cert_pem)
-        for context in contexts:
-            context.load_cert_chain(path)
-
-
-def _tls13_context(*, server_side: bool) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_alpn_protocols([LIBP2P_ALPN])
-    return context
-
-
-class _TlsContexts:
-    """The client and server TLS 1.3 contexts presenting one libp2p certificate."""
-
-    def __init__(self, certificate: TlsCertificate) -> None:
-        self.client = _tls13_context(server_side=False)
-        self.client.check_hostname = False
-        self.client.verify_mode = ssl.CERT_NONE
-        self._server = _tls13_context(server_side=True)
-        self._server.num_tickets = 0
-        _load_credentials(certificate, (self.client, self._server))
-        self._server_ready = False
-
-    def server(self) -> ssl.SSLContext:
-        """The server context, with the client-certificate hook installed on first use."""
-        if not self._server_ready:
-            request_any_peer_certificate(self._server)
-            self._server_ready = True
-        return self._server
-
-
-def _authenticate(transport: asyncio.Transport, peer: str) -> PeerId:
-    """The PeerID proven by the remote's TLS certificate (libp2p extension verified)."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        raise HandshakeError(f"{peer} presented no TLS certificate")
-    try:
-        return peer_id_from_certificate(der)
-    except InvalidCertificate as exc:
-        raise HandshakeError(
-            f"{peer} presented a TLS certificate that proves no libp2p identity: {exc}"
-        ) from None
-
-
-@contextlib.contextmanager
-def _step(name: str) -> Iterator[None]:
-    """Name the handshake step in which a transport, socket or TLS error happened."""
-    try:
-        yield
-    except (TransportError, OSError) as exc:
-        raise HandshakeError(f"{name}: {exc}") from exc
 
 
 def _set_nodelay(transport: asyncio.Transport) -> None:
@@ -424,7 +226,9 @@ class TcpTransport:
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + handshake_s)):
                 _set_nodelay(pipe.transport)
-                remote_peer = await self._upgrade(pipe, dialer=True, expected=expected)
+                remote_peer = await negotiate_upgrade(
+                    pipe, self._tls, self._limits.multistream, dialer=True, expected=expected
+                )
                 connection = self._connect(pipe, remote_peer, is_client=True)
         except BaseException as exc:
             pipe.transport.abort()
@@ -451,7 +255,9 @@ class TcpTransport:
                 if peer is None:
                     raise HandshakeError("the client left before its address could be read")
                 _set_nodelay(pipe.transport)
-                remote_peer = await self._upgrade(pipe, dialer=False, expected=None)
+                remote_peer = await negotiate_upgrade(
+                    pipe, self._tls, self._limits.multistream, dialer=False, expected=None
+                )
                 return self._connect(pipe, remote_peer, is_client=False)
         except BaseException as exc:
             pipe.transport.abort()
@@ -462,32 +268,6 @@ class TcpTransport:
                 _log.exception("inbound TCP handshake with %s failed unexpectedly", peer)
                 return None
             raise
-
-    async def _upgrade(self, pipe: _Pipe, *, dialer: bool, expected: PeerId | None) -> PeerId:
-        """Negotiate TLS, authenticate the remote, negotiate yamux; return the remote PeerID."""
-        negotiation = self._limits.multistream
-        peer = f"TCP peer {pipe.transport.get_extra_info('peername')}"
-        with _step(f"negotiating {TLS_PROTOCOL}"):
-            if dialer:
-                await select_protocol(pipe, [TLS_PROTOCOL], limits=negotiation)
-            else:
-                await handle_protocols(pipe, [TLS_PROTOCOL], limits=negotiation)
-        with _step("TLS 1.3 handshake"):
-            context = self._tls.client if dialer else self._tls.server()
-            await pipe.start_tls(context, server_side=not dialer)
-        remote_peer = _authenticate(pipe.transport, peer)
-        if expected is not None and remote_peer != expected:
-            raise PeerIdMismatch(expected=expected, actual=remote_peer)
-        if dialer:
-            with _step(
-                f"negotiating {YAMUX_PROTOCOL} inside TLS (a listener that refuses our "
-                "certificate closes the connection here)"
-            ):
-                await select_protocol(pipe, [YAMUX_PROTOCOL], limits=negotiation)
-        else:
-            with _step(f"negotiating {YAMUX_PROTOCOL} inside TLS"):
-                await handle_protocols(pipe, [YAMUX_PROTOCOL], limits=negotiation)
-        return remote_peer
 
     def _connect(self, pipe: _Pipe, remote_peer: PeerId, *, is_client: bool) -> YamuxConnection:
         transport, received = pipe.detach()

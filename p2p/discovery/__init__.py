@@ -5,7 +5,7 @@ import inspect
 from ._base import Discoverer, OnPeer, PeerFound, connect_to_found
 from ._errors import DiscoveryError
 from ._limits import MdnsLimits
-from ._mdns import SERVICE_TYPE, MdnsDiscovery, encode_txt, parse_txt
+from ._mdns import SERVICE_TYPE, MdnsDiscovery, encode_txt, lan_interfaces, parse_txt
 
 __all__ = [
     "SERVICE_TYPE",
@@ -17,6 +17,7 @@ __all__ = [
     "PeerFound",
     "connect_to_found",
     "encode_txt",
+    "lan_interfaces",
     "parse_txt",
 ]
 

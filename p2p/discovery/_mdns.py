@@ -27,7 +27,6 @@ from zeroconf import (
     NonUniqueNameException,
     ServiceStateChange,
     Zeroconf,
-    get_all_addresses,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -35,6 +34,7 @@ from security import PeerId
 from transport._errors import MultiaddrError
 from transport._multiaddr import Multiaddr
 
+from .._interfaces import expand_wildcards, interface_ips, is_lan_ip
 from ._base import OnPeer, PeerFound, connect_to_found
 from ._errors import DiscoveryError
 from ._limits import MdnsLimits
@@ -42,7 +42,7 @@ from ._limits import MdnsLimits
 if TYPE_CHECKING:
     from .._host import Host
 
-__all__ = ["SERVICE_TYPE", "MdnsDiscovery", "encode_txt", "parse_txt"]
+__all__ = ["SERVICE_TYPE", "MdnsDiscovery", "encode_txt", "lan_interfaces", "parse_txt"]
 
 _log = logging.getLogger("p2p.discovery.mdns")
 
@@ -104,7 +104,25 @@ def parse_txt(raw: bytes, limits: MdnsLimits) -> tuple[PeerId, tuple[Multiaddr, 
 def _local_ips(interfaces: Sequence[str] | None) -> list[str]:
     if interfaces is not None:
         return list(interfaces)
-    return [ip for ip in get_all_addresses() if not ipaddress.ip_address(ip).is_loopback]
+    return [
+        ip
+        for ip in interface_ips()
+        if ipaddress.ip_address(ip).version == 4 and not ipaddress.ip_address(ip).is_loopback
+    ]
+
+
+def lan_interfaces(listen_addrs: Sequence[Multiaddr]) -> list[str]:
+    """The private LAN IPv4 addresses among ``listen_addrs`` (wildcards expanded first):
+    where ``swarm join`` runs mDNS. Loopback, public and IPv6 addresses are left out, so
+    a node listening on loopback only (the default) announces nothing."""
+    out: list[str] = []
+    for addr in expand_wildcards(listen_addrs):
+        family, ip = addr.components[0]
+        if family != "ip4" or ip is None or ipaddress.ip_address(ip).is_loopback:
+            continue
+        if is_lan_ip(ip) and ip not in out:
+            out.append(ip)
+    return out
 
 
 class MdnsDiscovery:

@@ -14,9 +14,10 @@ from ._autonat import (
 from ._circuit import CircuitTransport
 from ._holepunch import PROTOCOL_ID as HOLEPUNCH_PROTOCOL_ID
 from ._holepunch import HolePuncher, HolePunchLimits, PunchResult, punch_delay
-from ._limits import AutonatLimits
+from ._limits import AutonatLimits, NatLimits
 from ._relay import HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, Relay, Reservation
 from ._relay_limits import RelayLimits
+from ._traversal import NatTraversal
 
 AUTONAT_PROTOCOL_ID = PROTOCOL_ID
 AUTONAT_DIALBACK_PROTOCOL_ID = DIALBACK_PROTOCOL_ID
@@ -34,6 +35,8 @@ __all__ = [
     "CircuitTransport",
     "HolePunchLimits",
     "HolePuncher",
+    "NatLimits",
+    "NatTraversal",
     "PunchResult",
     "Reachability",
     "ReachabilityResult",

@@ -12,8 +12,9 @@ When a peer accepts a relayed connection it starts a punch over it (it is the
    socket as soon as the sync arrives. The probes open the initiator's NAT for the
    responder's handshake; the handshake opens the responder's NAT for the probes, which
    QUIC ignores;
-3. the responder answers ``{"ok": bool}``; on success the initiator closes the relayed
-   connection and the direct one carries everything.
+3. the responder answers ``{"ok": bool}``; on success the direct connection carries
+   every new stream (the Host prefers direct connections) and the initiator closes the
+   relayed one as soon as the streams still on it have ended (``Host.retire``).
 
 ``HolePunchLimits.attempts`` tries, then the peers stay relayed. Both sides send from
 their one QUIC socket, whose NAT mapping the relay observed: a port-restricted cone NAT
@@ -179,10 +180,9 @@ class HolePuncher:
         _log.info("hole punch to %s: %s", peer, result)
         self.results.append(result)
         if direct:
-            relayed = [
-                c for c in self._host.connections(peer) if c.transport_name == TRANSPORT_NAME
-            ]
-            await asyncio.gather(*(c.close() for c in relayed), return_exceptions=True)
+            for conn in self._host.connections(peer):
+                if conn.transport_name == TRANSPORT_NAME:
+                    self._host.retire(conn)
         return result
 
     async def _attempt(self, peer: PeerId) -> tuple[bool, float]:

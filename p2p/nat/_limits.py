@@ -22,3 +22,16 @@ class AutonatLimits:
     """Requests a server serves at once; further ones are refused."""
     servers_per_check: int = 3
     """Peers a client asks in one check."""
+
+
+@dataclass(frozen=True, slots=True)
+class NatLimits:
+    """Pacing of ``NatTraversal``: when it checks reachability and looks for a relay."""
+
+    check_interval_s: float = 1.0
+    """While reachability is unknown (or a private peer holds no reservation), how often
+    it looks for peers to ask (or relays to reserve on)."""
+    recheck_interval_s: float = 300.0
+    """How often a known reachability is checked again."""
+    relay_retry_s: float = 10.0
+    """How long a peer that refused a reservation is left alone."""

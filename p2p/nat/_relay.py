@@ -3,9 +3,11 @@
 An unreachable peer reserves a slot on a reachable one (``reserve``) over a hop stream
 it keeps open: the reservation lives while that stream does, up to
 ``RelayLimits.reservation_ttl_s``, and the holder renews it on the same stream at half
-its lifetime. It is then reachable at ``/<relay addr>/p2p/<relay>/p2p-circuit/p2p/<self>``.
-A dialer asks the relay to connect it; the relay opens a stop stream to the target and
-pipes the two streams together, cutting the circuit past ``circuit_max_bytes`` or
+its lifetime, and drops it the moment that stream ends (the relay left or forgot it) or
+a renewal fails, so that a dead relay's address is not advertised on. Meanwhile the
+holder is reachable at ``/<relay addr>/p2p/<relay>/p2p-circuit/p2p/<self>``. A dialer
+asks the relay to connect it; the relay opens a stop stream to the target and pipes
+the two streams together, cutting the circuit past ``circuit_max_bytes`` or
 ``circuit_max_duration_s``. The two ends then run TLS and yamux over it (``_circuit``).
 A relay refuses requests that reach it over a circuit: a relay is never reached through
 a relay.
@@ -119,9 +121,21 @@ class Relay:
 
     async def start(self) -> None:
         self._host.set_stream_handler(STOP_PROTOCOL_ID, self._on_stop)
-        if self._serve:
-            self._host.set_stream_handler(HOP_PROTOCOL_ID, self._on_hop)
+        self.set_serving(self._serve)
         await self._host.add_transport(self.transport, _CIRCUIT)
+
+    @property
+    def serving(self) -> bool:
+        """Whether this peer relays for others (answers the hop protocol)."""
+        return self._serve
+
+    def set_serving(self, serve: bool) -> None:
+        """Start or stop relaying for others; reservations and circuits held stay."""
+        self._serve = serve
+        if serve:
+            self._host.set_stream_handler(HOP_PROTOCOL_ID, self._on_hop)
+        else:
+            self._host.remove_handler(HOP_PROTOCOL_ID)
 
     async def stop(self) -> None:
         self._host.remove_handler(STOP_PROTOCOL_ID)
@@ -183,11 +197,22 @@ class Relay:
         return float(ttl)
 
     async def _keep(self, reservation: Reservation, stream: Stream) -> None:
+        """Renew at half the lifetime; drop the reservation as soon as the relay's stream
+        ends (the relay left or forgot us) or a renewal fails."""
         try:
             ttl = reservation.ttl_s
             while True:
-                await asyncio.sleep(ttl / 2)
-                ttl = await self._ask_reservation(stream, reservation.relay)
+                try:
+                    async with asyncio.timeout(ttl / 2):
+                        data = await stream.read(1)
+                except TimeoutError:
+                    ttl = await self._ask_reservation(stream, reservation.relay)
+                    continue
+                raise P2PError(
+                    "the relay closed the reservation stream"
+                    if not data
+                    else "the relay sent bytes on an idle reservation"
+                )
         except (P2PError, TransportError) as exc:
             _log.info("reservation on relay %s ended: %s", reservation.relay, exc)
         finally:

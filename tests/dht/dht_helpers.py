@@ -6,11 +6,12 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from functools import lru_cache
 
-from dht import DHT, DhtLimits
+from dht import DHT, DhtLimits, Entry, sign_entry
 from dht._contact import Contact
 from p2p import Host
-from security import KeyPair, PeerId
+from security import IdentityProof, KeyPair, PeerId, solve_pow
 from transport import MemoryHub, MemoryTransport, Multiaddr, QuicTransport, Transport
 
 
@@ -34,6 +35,20 @@ def fake_peer(rng: random.Random) -> PeerId:
 
 def contact(rng: random.Random, ip: str | None = None) -> Contact:
     return Contact(fake_peer(rng), (), ip)
+
+
+@lru_cache(maxsize=1024)
+def proof_of(public_key: bytes, difficulty: int = DhtLimits().pow_difficulty) -> IdentityProof:
+    """An identity proof-of-work for ``public_key`` (solved once per key and difficulty)."""
+    return solve_pow(public_key, difficulty)
+
+
+def signed(
+    identity: KeyPair, key: bytes, value: bytes, expiry: float, *, subkey: bytes | None = None
+) -> Entry:
+    """``sign_entry`` with the identity's proof-of-work at the default difficulty."""
+    proof = proof_of(identity.public_key)
+    return sign_entry(identity, key, value, expiry, subkey=subkey, proof=proof)
 
 
 class Cluster:

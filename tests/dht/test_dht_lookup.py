@@ -206,14 +206,16 @@ def test_simulated_1000_nodes_find_everything_before_and_after_30_percent_churn(
 
 
 def _eclipse(net: SimNetwork, me: PeerId, request: Request) -> Reply:
-    """An attacker: never has values, answers with fellow attackers nearest the target."""
+    """An attacker (its proof-of-work paid): never has values, answers with fellow
+    attackers nearest the target."""
+    proof = net.cores[me].proof
     target = request.target if isinstance(request, FindNode) else None
     if isinstance(request, FindValue):
         target = key_id(request.key)
     if target is None:
-        return Reply()
+        return Reply(proof=proof)
     gang = [net.contacts[p] for p in net.behaviours if p != me and p in net.alive]
-    return Reply(peers=tuple(nearest(gang, target, net.limits.k)))
+    return Reply(peers=tuple(nearest(gang, target, net.limits.k)), proof=proof)
 
 
 @pytest.mark.slow

@@ -50,20 +50,21 @@ def wire(message: object) -> object:
 def test_requests_round_trip(request_) -> None:
     addrs = (Multiaddr.for_quic("127.0.0.1", 4001), Multiaddr.for_memory("n7"))
     codec = Codec(LIMITS)
-    decoded, sender = codec.decode_request(wire(encode_request(request_, addrs)))
-    assert decoded == request_
+    inbound = codec.decode_request(wire(encode_request(request_, addrs, b"\x00\x07")))
+    assert inbound.request == request_ and inbound.proof == b"\x00\x07"
     peer = fake_peer(random.Random(1))
-    assert codec.contact(peer.to_bytes(), sender) == Contact(peer, addrs)
-    assert codec.decode_request(wire(encode_request(request_, None)))[1] is None
+    assert codec.contact(peer.to_bytes(), inbound.addrs) == Contact(peer, addrs)
+    as_client = codec.decode_request(wire(encode_request(request_, None, b"\x00\x07")))
+    assert as_client.addrs is None and as_client.proof == b""
 
 
 def test_replies_round_trip() -> None:
     gen = random.Random(2)
     peers = tuple(Contact(fake_peer(gen), (Multiaddr.for_memory(f"m{i}"),)) for i in range(5))
-    entries = (Entry(b"k", None, b"v", 10.0), Entry(b"k", b"s", b"w", 11.0, b"x" * 64))
+    entries = (Entry(b"k", None, b"v", 10.0), Entry(b"k", b"s", b"w", 11.0, b"x" * 64, b"n"))
     codec = Codec(LIMITS)
     for reply in (
-        Reply(peers=peers),
+        Reply(peers=peers, proof=b"\x00\x00\x01"),
         Reply(entries=entries),
         Reply(codes=(RefusalCode.OK, RefusalCode.STALE)),
         Reply(),
@@ -165,7 +166,7 @@ ops = st.sampled_from(["ping", "find_node", "find_value", "store", "other"])
 def test_fuzzed_requests_decode_or_raise_dht_protocol_error(op, fields) -> None:
     codec = Codec(LIMITS)
     try:
-        _, sender = codec.decode_request({"op": op, **fields})
+        sender = codec.decode_request({"op": op, **fields}).addrs
         if sender is not None:
             codec.contact(fake_peer(random.Random(0)).to_bytes(), sender)
     except DhtProtocolError:

@@ -28,7 +28,7 @@ from dht._messages import Store, encode_request
 from dht._records import Entry
 from p2p import Host, ProtocolNotSupported
 from security import KeyPair
-from tests.dht.dht_helpers import Cluster, FakeClock, eventually
+from tests.dht.dht_helpers import Cluster, FakeClock, eventually, signed
 from transport import MemoryTransport, Multiaddr
 
 HOUR = 3600.0
@@ -87,8 +87,10 @@ async def test_a_peers_subkey_cannot_be_overwritten_by_another_peer(cluster: Clu
         await mallory.store(b"block/7", b"evil", expiry + 10, subkey=alice.peer_id)
     # by hand on the wire: a forged signature and an unsigned entry, sent to every node
     cell = alice.peer_id.to_bytes()
+    proof = alice.identity_proof.nonce  # public: anyone can copy it
     forged = sign_entry(mallory_identity, b"block/7", b"evil", expiry + 10, subkey=cell)
-    unsigned = Entry(b"block/7", cell, b"evil", expiry + 10)
+    forged = dataclasses.replace(forged, proof=proof)
+    unsigned = Entry(b"block/7", cell, b"evil", expiry + 10, proof=proof)
     attacker = await attacker_host(cluster)
     try:
         for node in cluster.nodes:
@@ -106,8 +108,8 @@ async def test_forged_replayed_expired_and_oversized_stores_are_refused(cluster:
     victim = cluster.nodes[1]
     owner = KeyPair.generate()
     now = time.time()
-    old = sign_entry(owner, b"k", b"v1", now + HOUR)
-    new = sign_entry(owner, b"k", b"v2", now + 2 * HOUR)
+    old = signed(owner, b"k", b"v1", now + HOUR)
+    new = signed(owner, b"k", b"v2", now + 2 * HOUR)
     attacker = await attacker_host(cluster)
     try:
         assert await raw_store(attacker, victim, [old, new]) == [RefusalCode.OK, RefusalCode.OK]
@@ -117,6 +119,7 @@ async def test_forged_replayed_expired_and_oversized_stores_are_refused(cluster:
             (Entry(b"e", None, b"v", now - 1), RefusalCode.EXPIRED),
             (Entry(b"f", None, b"v", now + 49 * HOUR), RefusalCode.EXPIRY_TOO_FAR),
             (Entry(b"g", None, b"v" * 65536, now + HOUR), RefusalCode.TOO_LARGE),
+            (dataclasses.replace(new, proof=b""), RefusalCode.INSUFFICIENT_POW),
         ]
         for entry, code in cases:
             assert await raw_store(attacker, victim, [entry]) == [code]
@@ -129,6 +132,7 @@ async def test_forged_replayed_expired_and_oversized_stores_are_refused(cluster:
         "EXPIRED": 1,
         "EXPIRY_TOO_FAR": 1,
         "TOO_LARGE": 1,
+        "INSUFFICIENT_POW": 1,
     }
     assert stats.records == 1
     assert await victim.get(b"k") == {owner.peer_id.to_bytes(): Record(b"v2", now + 2 * HOUR)}
@@ -206,7 +210,7 @@ async def test_requests_are_rate_limited_per_peer(cluster: Cluster) -> None:
         ]
     finally:
         await attacker.stop()
-    assert answers[:3] == [{}, {}, {}]
+    assert all("refused" not in a for a in answers[:3])
     assert [a["refused"] for a in answers[3:]] == [RefusalCode.RATE_LIMITED] * 2
     assert limited.stats().refusals["RATE_LIMITED"] == 2
 

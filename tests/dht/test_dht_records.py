@@ -10,6 +10,7 @@ import pytest
 from dht._errors import (
     BadSignature,
     ExpiryTooFar,
+    InsufficientProofOfWork,
     QuotaExceeded,
     RateLimited,
     RecordExpired,
@@ -20,10 +21,10 @@ from dht._errors import (
     StoreFull,
 )
 from dht._limits import DhtLimits
-from dht._records import Entry, SignatureValidator, ValidatorChain, owner_of, sign_entry
+from dht._records import Entry, SignatureValidator, ValidatorChain, owner_of
 from dht._store import RateLimiter, RecordStore
 from security import KeyPair
-from tests.dht.dht_helpers import fake_peer
+from tests.dht.dht_helpers import fake_peer, signed
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -48,11 +49,11 @@ def plain(key: bytes = b"k", value: bytes = b"v", expiry: float = NOW + HOUR) ->
 
 def test_owned_subkey_needs_the_owners_signature(alice, mallory) -> None:
     validator = SignatureValidator()
-    entry = sign_entry(alice, b"block/7", b"online", NOW + HOUR)
+    entry = signed(alice, b"block/7", b"online", NOW + HOUR)
     assert entry.subkey == alice.peer_id.to_bytes()
     assert owner_of(entry.subkey) == alice.peer_id
     validator.validate(entry)
-    forged = sign_entry(mallory, b"block/7", b"offline", NOW + HOUR, subkey=entry.subkey)
+    forged = signed(mallory, b"block/7", b"offline", NOW + HOUR, subkey=entry.subkey)
     with pytest.raises(BadSignature):
         validator.validate(forged)
     with pytest.raises(BadSignature):
@@ -68,7 +69,7 @@ def test_owned_subkey_needs_the_owners_signature(alice, mallory) -> None:
     ],
 )
 def test_signature_covers_key_value_and_expiry(alice, change) -> None:
-    entry = sign_entry(alice, b"block/7", b"online", NOW + HOUR)
+    entry = signed(alice, b"block/7", b"online", NOW + HOUR)
     with pytest.raises(BadSignature):
         SignatureValidator().validate(dataclasses.replace(entry, **change))
 
@@ -118,8 +119,8 @@ def test_validator_chain_validates_all_and_first_opinion_selects() -> None:
 
 def test_merge_keeps_the_best_version_of_each_cell(alice) -> None:
     chain = ValidatorChain()
-    a1 = sign_entry(alice, b"k", b"v1", NOW + 10)
-    a2 = sign_entry(alice, b"k", b"v2", NOW + 20)
+    a1 = signed(alice, b"k", b"v1", NOW + 10)
+    a2 = signed(alice, b"k", b"v2", NOW + 20)
     p1, p2 = plain(expiry=NOW + 5), plain(value=b"w", expiry=NOW + 50)
     merged = chain.merge([a2, p1, a1, p2])
     assert sorted(merged, key=lambda e: e.expiry) == [a2, p2]
@@ -131,7 +132,7 @@ def test_merge_keeps_the_best_version_of_each_cell(alice) -> None:
 def test_store_keeps_plain_values_and_subkeys_side_by_side(alice, rng) -> None:
     store = RecordStore(DhtLimits())
     sender = fake_peer(rng)
-    owned = sign_entry(alice, b"k", b"mine", NOW + HOUR)
+    owned = signed(alice, b"k", b"mine", NOW + HOUR)
     assert store.put(plain(), sender, NOW) is True
     assert store.put(owned, sender, NOW) is True
     assert store.put(owned, sender, NOW) is False
@@ -170,10 +171,12 @@ def test_record_of_exactly_the_limit_is_accepted(rng) -> None:
 
 def test_forged_subkey_is_refused_and_the_owners_entry_stays(alice, mallory, rng) -> None:
     store = RecordStore(DhtLimits())
-    genuine = sign_entry(alice, b"block/7", b"online", NOW + HOUR)
+    genuine = signed(alice, b"block/7", b"online", NOW + HOUR)
     store.put(genuine, fake_peer(rng), NOW)
-    forged = sign_entry(mallory, b"block/7", b"evil", NOW + 2 * HOUR, subkey=genuine.subkey)
-    unsigned = Entry(b"block/7", genuine.subkey, b"evil", NOW + 2 * HOUR)
+    # mallory copies alice's proof-of-work (it is public): the signature still fails
+    forged = signed(mallory, b"block/7", b"evil", NOW + 2 * HOUR, subkey=genuine.subkey)
+    forged = dataclasses.replace(forged, proof=genuine.proof)
+    unsigned = Entry(b"block/7", genuine.subkey, b"evil", NOW + 2 * HOUR, proof=genuine.proof)
     for attempt in (forged, unsigned):
         with pytest.raises(BadSignature):
             store.put(attempt, fake_peer(rng), NOW)
@@ -181,11 +184,27 @@ def test_forged_subkey_is_refused_and_the_owners_entry_stays(alice, mallory, rng
     assert store.refusals[RefusalCode.BAD_SIGNATURE] == 2
 
 
+def test_owned_subkey_needs_its_owners_proof_of_work(alice, mallory, rng) -> None:
+    store = RecordStore(DhtLimits())
+    genuine = signed(alice, b"block/7", b"online", NOW + HOUR)
+    without = dataclasses.replace(genuine, proof=b"")
+    borrowed = dataclasses.replace(genuine, proof=signed(mallory, b"x", b"y", NOW + 1).proof)
+    for attempt in (without, borrowed):
+        with pytest.raises(InsufficientProofOfWork, match="pow_difficulty=12"):
+            store.put(attempt, fake_peer(rng), NOW)
+    assert store.refusals[RefusalCode.INSUFFICIENT_POW] == 2
+    assert store.put(genuine, fake_peer(rng), NOW)
+    # plain values and sub-keys that are no PeerID need no proof; difficulty 0 needs none
+    assert store.put(Entry(b"k", b"label", b"v", NOW + HOUR), fake_peer(rng), NOW)
+    free = RecordStore(DhtLimits(pow_difficulty=0))
+    assert free.put(without, fake_peer(rng), NOW)
+
+
 def test_replayed_older_version_is_refused(alice, rng) -> None:
     store = RecordStore(DhtLimits())
     sender = fake_peer(rng)
-    old = sign_entry(alice, b"block/7", b"online", NOW + HOUR)
-    new = sign_entry(alice, b"block/7", b"offline", NOW + 2 * HOUR)
+    old = signed(alice, b"block/7", b"online", NOW + HOUR)
+    new = signed(alice, b"block/7", b"offline", NOW + 2 * HOUR)
     store.put(old, sender, NOW)
     store.put(new, sender, NOW)
     with pytest.raises(StaleRecord):

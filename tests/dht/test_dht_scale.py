@@ -14,7 +14,7 @@ from dht import DHT, PROTOCOL_ID, DhtLimits, Record, bucket_index
 from dht._messages import Ping, encode_request
 from p2p import Host
 from security import KeyPair
-from tests.dht.dht_helpers import Cluster
+from tests.dht.dht_helpers import Cluster, proof_of
 from transport import Multiaddr, QuicTransport
 
 HOUR = 3600.0
@@ -84,16 +84,18 @@ async def test_30_nodes_on_quic_over_loopback_form_one_network() -> None:
 
 
 async def bombard(target: Multiaddr, identities: int) -> None:
-    """``identities`` fresh QUIC hosts on 127.0.0.1 each announce themselves to ``target``."""
+    """``identities`` fresh QUIC hosts on 127.0.0.1 each announce themselves to ``target``,
+    their identity proof-of-work paid."""
     for _ in range(identities):
         identity = KeyPair.generate()
         host = Host(identity, [QuicTransport(identity)])
         await host.start([Multiaddr.for_quic("127.0.0.1", 0)])
         try:
             await host.connect(target)
-            request = encode_request(Ping(), tuple(host.listen_addrs))
+            proof = proof_of(identity.public_key).nonce
+            request = encode_request(Ping(), tuple(host.listen_addrs), proof)
             reply = await host.rpc_call(target.peer_id, PROTOCOL_ID, request)
-            assert reply.value == {}
+            assert "refused" not in reply.value
         finally:
             await host.stop()
 

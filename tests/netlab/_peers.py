@@ -62,6 +62,13 @@ class PeerProcess:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")
 
+    async def leave(self, timeout: float = 10.0) -> None:
+        """End the peer gracefully (stdin closed: it stops its Host, closing connections)."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        async with asyncio.timeout(timeout):
+            await self._proc.wait()
+
     async def kill(self) -> None:
         if self._proc.returncode is None:
             self._proc.kill()

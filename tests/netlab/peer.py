@@ -19,7 +19,7 @@ from typing import Any
 
 from p2p import Host, HostLimits, P2PError, RpcContext
 from p2p.discovery import MdnsDiscovery
-from p2p.nat import Autonat, HolePuncher, Relay, RelayLimits
+from p2p.nat import Autonat, HolePuncher, NatLimits, NatTraversal, Relay, RelayLimits
 from security import KeyPair, PeerId
 from transport import Multiaddr, QuicTransport, TransportLimits
 
@@ -35,21 +35,37 @@ class Peer:
         self.quic = QuicTransport(self.identity)
         transport_limits = replace(TransportLimits(), dial_timeout_s=args.dial_timeout)
         self.host = Host(self.identity, [self.quic], HostLimits(transport=transport_limits))
-        self.autonat = Autonat(self.host, self.identity, serve=args.autonat_server)
         self.mdns = MdnsDiscovery(self.host, interfaces=[args.ip]) if args.mdns else None
-        self.relay = Relay(
-            self.host, self.identity, serve=args.relay_server, limits=_relay_limits(args)
-        )
-        self.puncher = HolePuncher(self.host, self.quic, self.relay)
+        self.traversal: NatTraversal | None = None
+        if args.auto:
+            self.traversal = NatTraversal(
+                self.host,
+                self.identity,
+                limits=NatLimits(check_interval_s=0.5),
+                relay_limits=_relay_limits(args),
+            )
+            self.autonat = self.traversal.autonat
+            self.relay = self.traversal.relay
+            assert self.traversal.puncher is not None
+            self.puncher = self.traversal.puncher
+        else:
+            self.autonat = Autonat(self.host, self.identity, serve=args.autonat_server)
+            self.relay = Relay(
+                self.host, self.identity, serve=args.relay_server, limits=_relay_limits(args)
+            )
+            self.puncher = HolePuncher(self.host, self.quic, self.relay)
 
     async def start(self) -> dict[str, Any]:
         await self.host.start([Multiaddr.for_quic("0.0.0.0", self.args.port)])
         self.host.add_rpc_handler(ECHO, _echo)
         port = self.host.listen_addrs[0].host_port()[1]
-        await self.autonat.start()
-        await self.relay.start()
-        if not self.args.no_punch:
-            await self.puncher.start()
+        if self.traversal is not None:
+            await self.traversal.start()
+        else:
+            await self.autonat.start()
+            await self.relay.start()
+            if not self.args.no_punch:
+                await self.puncher.start()
         if self.mdns is not None:
             await self.mdns.start()
         return {"peer_id": str(self.host.peer_id), "port": port}
@@ -57,9 +73,12 @@ class Peer:
     async def stop(self) -> None:
         if self.mdns is not None:
             await self.mdns.stop()
-        await self.puncher.stop()
-        await self.relay.stop()
-        await self.autonat.stop()
+        if self.traversal is not None:
+            await self.traversal.stop()
+        else:
+            await self.puncher.stop()
+            await self.relay.stop()
+            await self.autonat.stop()
         await self.host.stop()
 
 
@@ -127,6 +146,15 @@ async def op_reachability(peer: Peer, req: dict[str, Any]) -> dict[str, Any]:
     return {"status": str(result.status), "addr": addr, "answered": result.answered}
 
 
+async def op_nat(peer: Peer, req: dict[str, Any]) -> dict[str, Any]:
+    """What automatic NAT traversal decided: reachability, relays held, relaying or not."""
+    return {
+        "reachability": str(peer.autonat.result.status),
+        "relays": [str(r.relay) for r in peer.relay.reservations],
+        "serving": peer.relay.serving,
+    }
+
+
 async def op_reserve(peer: Peer, req: dict[str, Any]) -> str:
     return str((await peer.relay.reserve(_target(req["relay"]))).addr)
 
@@ -178,6 +206,7 @@ OPS: dict[str, Op] = {
     "connect": op_connect,
     "connections": op_connections,
     "echo": op_echo,
+    "nat": op_nat,
     "peers": op_peers,
     "punch_results": op_punch_results,
     "reachability": op_reachability,
@@ -211,6 +240,7 @@ async def main() -> None:
     parser.add_argument("--mdns", action="store_true", help="discover LAN peers on --ip")
     parser.add_argument("--relay-server", action="store_true", help="relay for others")
     parser.add_argument("--no-punch", action="store_true", help="stay relayed")
+    parser.add_argument("--auto", action="store_true", help="NatTraversal decides it all")
     parser.add_argument("--relay-max-bytes", type=int, default=0)
     parser.add_argument("--relay-max-seconds", type=float, default=0.0)
     parser.add_argument("--relay-per-ip", type=int, default=0)

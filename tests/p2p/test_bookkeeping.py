@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from p2p import ConnectionLimits, PeerStore, PeerStoreLimits
-from p2p._connmgr import ConnectionManager
+from p2p._connmgr import ConnectionManager, ConnectionRecord
 from security import KeyPair, PeerId
 from transport._multiaddr import Multiaddr
 
@@ -14,6 +14,7 @@ def peer() -> PeerId:
 
 class FakeConnection:
     is_closed = False
+    transport_name = "tcp"
 
 
 def addr(n: int) -> Multiaddr:
@@ -73,3 +74,17 @@ def test_connection_manager_limits_and_idleness() -> None:
     manager.remove(second)
     manager.remove(second)
     assert manager.records(a) == [first] and len(manager) == 2
+
+
+def test_a_direct_connection_is_reused_before_a_relayed_one() -> None:
+    manager = ConnectionManager(ConnectionLimits())
+    peer = KeyPair.generate().peer_id
+    relayed, direct = FakeConnection(), FakeConnection()
+    relayed.transport_name = "circuit"
+    first = manager.admit(relayed, peer, outbound=True, now=0.0)  # type: ignore[arg-type]
+    assert manager.get(peer) is first
+    second = manager.admit(direct, peer, outbound=True, now=1.0)  # type: ignore[arg-type]
+    assert manager.get(peer) is second
+    assert isinstance(second, ConnectionRecord)
+    second.closing = True
+    assert manager.get(peer) is first

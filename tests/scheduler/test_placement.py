@@ -12,6 +12,7 @@ from scheduler import (
     ServerState,
     SwarmSnapshot,
     choose_span,
+    concurrent_view,
 )
 
 
@@ -108,3 +109,30 @@ def test_choice_is_leximin_optimal_on_random_small_swarms() -> None:
         for other in range(n - length + 1):
             placed = snapshot.with_server(ServerInfo("me", other, other + length, throughput))
             assert placed.min_throughput() <= new_min + 1e-9
+
+
+def test_of_servers_choosing_at_once_the_lowest_peer_id_keeps_the_gap() -> None:
+    """Several joiners read the same swarm, all take its gap, then judge their choice in
+    ``concurrent_view``: exactly one keeps it, the others choose again, seeing it."""
+    base = (ServerInfo("old", 0, 8, 10.0), ServerInfo("mid", 4, 8, 10.0))
+    earlier = SwarmSnapshot(8, base)
+    gap = choose_span(earlier, 4, 20.0)
+    assert gap == (0, 4)
+    joiners = ["j1", "j3", "j2"]
+    now = SwarmSnapshot(
+        8, (*base, *(ServerInfo(j, *gap, 20.0, ServerState.JOINING) for j in joiners))
+    )
+    chosen = {
+        me: choose_span(concurrent_view(now, earlier, me).without(me), 4, 20.0) for me in joiners
+    }
+    assert chosen == {"j1": (0, 4), "j2": (4, 8), "j3": (4, 8)}
+    # Servers that did not change since the choice always count, whatever their peer id.
+    view = concurrent_view(now, earlier, "a")
+    assert {s.peer_id for s in view} == {"old", "mid"}
+    # One that moved is shown where it was if it ranks after me, where it is otherwise.
+    moved = now.with_server(ServerInfo("mid", 0, 4, 10.0, ServerState.JOINING))
+    assert concurrent_view(moved, earlier, "a").server("mid").start == 4
+    assert concurrent_view(moved, earlier, "z").server("mid").start == 0
+    # Me as I am now; servers gone since are gone.
+    mine = concurrent_view(now.without("old"), earlier, "j3")
+    assert "old" not in mine and mine.server("j3").state is ServerState.JOINING

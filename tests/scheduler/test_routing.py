@@ -43,6 +43,25 @@ def _rtt(
     return receiver.rtts.get(sender.peer_id, DEFAULT_RTT)
 
 
+def _link(
+    sender: ServerInfo | None,
+    receiver: ServerInfo | None,
+    client: Mapping[str | bytes, float],
+    push: bool,
+) -> float:
+    """What moving hidden states from ``sender`` to ``receiver`` costs (None: the client).
+
+    With push, every link is crossed one way (half its round trip). Relayed by the
+    client, entering a hop costs the client's round trip to it, and going back is free
+    (it was part of that round trip); staying on one server costs nothing either way.
+    """
+    if push:
+        return _rtt(sender, receiver, client) / 2
+    if receiver is None or (sender is not None and sender.peer_id == receiver.peer_id):
+        return 0.0
+    return client.get(receiver.peer_id, DEFAULT_RTT)
+
+
 def _cost(
     snapshot: SwarmSnapshot,
     hops: tuple[Hop, ...],
@@ -50,13 +69,14 @@ def _cost(
     tokens: int,
     source: ServerInfo | None = None,
     sink: ServerInfo | None = None,
+    push: bool = True,
 ) -> float:
     total, previous = 0.0, source
     for hop in hops:
         server = snapshot.server(hop.peer_id)
-        total += _rtt(previous, server, client) + hop.length * tokens / server.throughput
+        total += _link(previous, server, client, push) + hop.length * tokens / server.throughput
         previous = server
-    return total + _rtt(previous, sink, client)
+    return total + _link(previous, sink, client, push)
 
 
 def _brute(
@@ -68,8 +88,13 @@ def _brute(
     source: ServerInfo | None = None,
     sink: ServerInfo | None = None,
     banned: frozenset[str | bytes] = frozenset(),
+    push: bool = True,
 ) -> float:
     """Least latency over every chain of (server, sub-span) hops."""
+    if not push:
+        # Relayed, the client sits between every two hops: the neighbouring hops do not
+        # matter.
+        source = sink = None
     usable = [
         s
         for s in snapshot
@@ -78,13 +103,14 @@ def _brute(
 
     def best_from(block: int, previous: ServerInfo | None) -> float:
         if block == end:
-            return _rtt(previous, sink, client)
+            return _link(previous, sink, client, push)
         best = math.inf
         for server in usable:
             if not server.covers(block):
                 continue
             for stop in range(block + 1, min(server.end, end) + 1):
-                hop = _rtt(previous, server, client) + (stop - block) * tokens / server.throughput
+                link = _link(previous, server, client, push)
+                hop = link + (stop - block) * tokens / server.throughput
                 best = min(best, hop + best_from(stop, server))
         return best
 
@@ -116,32 +142,36 @@ def _random_swarm(rng: random.Random) -> tuple[SwarmSnapshot, dict[str | bytes, 
     return SwarmSnapshot(n, tuple(servers)), client
 
 
-def test_min_latency_route_matches_brute_force_on_random_small_swarms() -> None:
+@pytest.mark.parametrize("push", [True, False])
+def test_min_latency_route_matches_brute_force_on_random_small_swarms(push: bool) -> None:
     rng = random.Random(5)
     routed = 0
     for _ in range(1500):
         snapshot, client = _random_swarm(rng)
         tokens = rng.choice([1, 4])
-        best = _brute(snapshot, client, tokens, 0, snapshot.num_blocks)
+        best = _brute(snapshot, client, tokens, 0, snapshot.num_blocks, push=push)
+        kwargs = {"num_tokens": tokens, "push": push, "settings": SETTINGS}
         if best == math.inf:
             with pytest.raises(MissingBlocksError):
-                route_min_latency(snapshot, client, num_tokens=tokens, settings=SETTINGS)
+                route_min_latency(snapshot, client, **kwargs)
             continue
-        route = route_min_latency(snapshot, client, num_tokens=tokens, settings=SETTINGS)
+        route = route_min_latency(snapshot, client, **kwargs)
         assert (route.start, route.end) == (0, snapshot.num_blocks)
         assert route.expected_latency_s == pytest.approx(best, abs=1e-9)
-        assert _cost(snapshot, route.hops, client, tokens) == pytest.approx(best, abs=1e-9)
+        cost = _cost(snapshot, route.hops, client, tokens, push=push)
+        assert cost == pytest.approx(best, abs=1e-9)
         routed += 1
     assert routed > 500
 
 
-def test_failover_sub_route_matches_brute_force_and_avoids_the_failed_server() -> None:
+@pytest.mark.parametrize("push", [True, False])
+def test_failover_sub_route_matches_brute_force_and_avoids_the_failed_server(push: bool) -> None:
     rng = random.Random(6)
     replaced = 0
     for _ in range(800):
         snapshot, client = _random_swarm(rng)
         try:
-            route = route_min_latency(snapshot, client, settings=SETTINGS)
+            route = route_min_latency(snapshot, client, push=push, settings=SETTINGS)
         except MissingBlocksError:
             continue
         for index, hop in enumerate(route.hops):
@@ -149,13 +179,22 @@ def test_failover_sub_route_matches_brute_force_and_avoids_the_failed_server() -
             after = route.hops[index + 1].peer_id if index + 1 < len(route) else None
             sink = snapshot.server(after) if after is not None else None
             best = _brute(
-                snapshot, client, 1, hop.start, hop.end, source, sink, frozenset({hop.peer_id})
+                snapshot,
+                client,
+                1,
+                hop.start,
+                hop.end,
+                source,
+                sink,
+                frozenset({hop.peer_id}),
+                push=push,
             )
+            kwargs = {"client_rtts": client, "push": push, "settings": SETTINGS}
             if best == math.inf:
                 with pytest.raises(MissingBlocksError):
-                    replace_span(snapshot, route, index, client_rtts=client, settings=SETTINGS)
+                    replace_span(snapshot, route, index, **kwargs)
                 continue
-            sub = replace_span(snapshot, route, index, client_rtts=client, settings=SETTINGS)
+            sub = replace_span(snapshot, route, index, **kwargs)
             assert (sub.start, sub.end) == (hop.start, hop.end)
             assert hop.peer_id not in sub.peer_ids
             assert sub.expected_latency_s == pytest.approx(best, abs=1e-9)
@@ -178,7 +217,8 @@ def test_partial_spans_are_used_and_measured_round_trips_beat_defaults() -> None
     # "a" is slow (12 s of compute). b, then c from block 6 on (c serves [4, 12) but b
     # is faster), with a measured 1 ms between them.
     assert route.hops == (Hop("b", 0, 6), Hop("c", 6, 12))
-    assert route.expected_latency_s == pytest.approx(0.003 + 6 / 100.0 + 6 / 50.0)
+    # With push each link is crossed one way: half of 1 + 1 + 1 ms.
+    assert route.expected_latency_s == pytest.approx(0.0015 + 6 / 100.0 + 6 / 50.0)
     # Unmeasured, the b -> c round trip costs the default: one hop on "a" would cost
     # 0.2 + 12 s, still worse.
     plain = SwarmSnapshot(
@@ -186,7 +226,30 @@ def test_partial_spans_are_used_and_measured_round_trips_beat_defaults() -> None
     )
     assert route_min_latency(
         plain, {"b": 0.001, "c": 0.001}, settings=SETTINGS
-    ).expected_latency_s == (pytest.approx(0.002 + DEFAULT_RTT + 6 / 100.0 + 6 / 50.0))
+    ).expected_latency_s == (pytest.approx((0.002 + DEFAULT_RTT) / 2 + 6 / 100.0 + 6 / 50.0))
+
+
+def test_push_routes_follow_server_round_trips_and_relayed_routes_client_ones() -> None:
+    # Two ways through 4 blocks: "near1" -> "near2", close to each other but far from the
+    # client, or "far1" -> "far2", close to the client but 200 ms apart.
+    snapshot = SwarmSnapshot(
+        4,
+        (
+            ServerInfo("near1", 0, 2, 1000.0, rtts={"near2": 0.002, "far2": 0.2}),
+            ServerInfo("near2", 2, 4, 1000.0),
+            ServerInfo("far1", 0, 2, 1000.0, rtts={"far2": 0.2, "near2": 0.2}),
+            ServerInfo("far2", 2, 4, 1000.0),
+        ),
+    )
+    client = {"near1": 0.05, "near2": 0.05, "far1": 0.01, "far2": 0.01}
+    pushed = route_min_latency(snapshot, client, settings=SETTINGS)
+    assert pushed.peer_ids == ("near1", "near2")
+    # client -> near1 -> near2 -> client, one way each: (50 + 2 + 50) / 2 ms, plus compute.
+    assert pushed.expected_latency_s == pytest.approx(0.051 + 4 / 1000.0)
+    relayed = route_min_latency(snapshot, client, push=False, settings=SETTINGS)
+    assert relayed.peer_ids == ("far1", "far2")
+    # A client round trip per hop; the servers' own round trips do not matter.
+    assert relayed.expected_latency_s == pytest.approx(0.02 + 4 / 1000.0)
 
 
 def test_banned_offline_joining_slow_and_full_servers_are_not_routed_to() -> None:
@@ -242,11 +305,11 @@ def test_failover_can_use_several_servers_and_the_neighbouring_hop() -> None:
     )
     route = Route((Hop("a", 0, 3), Hop("big", 3, 9)))
     sub = replace_span(snapshot, route, 1, settings=SETTINGS)
-    # "a" goes on at no round-trip cost, then x and y: 3 round trips of 0.1 s plus six
-    # blocks at 0.1 s each.
+    # "a" goes on at no cost, then x and y: 3 links crossed one way (half of 0.1 s each)
+    # plus six blocks at 0.1 s each.
     assert sub.hops[0].peer_id == "a" and sub.hops[0].start == 3
     assert set(sub.peer_ids) == {"a", "x", "y"}
-    assert sub.expected_latency_s == pytest.approx(0.9)
+    assert sub.expected_latency_s == pytest.approx(0.75)
     assert route.splice(1, sub).hops[0] == Hop("a", 0, 3)
     with pytest.raises(MissingBlocksError, match="5-8"):
         replace_span(snapshot, route, 1, banned={"x", "y"}, settings=SETTINGS)

@@ -21,6 +21,7 @@ from security import (
     LIBP2P_ALPN,
     LIBP2P_EXTENSION_OID,
     MAX_ENVELOPE_BYTES,
+    MAX_NONCE_BYTES,
     EnvelopeError,
     IdentityProof,
     InvalidCertificate,
@@ -34,6 +35,8 @@ from security import (
     SignedEnvelope,
     make_tls_certificate,
     peer_id_from_certificate,
+    proof_bits,
+    search_pow,
     solve_pow,
     verify_pow,
     verify_signature,
@@ -546,3 +549,13 @@ def test_proof_does_not_transfer_to_another_key() -> None:
 def test_difficulty_out_of_range_is_refused(difficulty: int) -> None:
     with pytest.raises(ValueError):
         solve_pow(b"\x00" * 32, difficulty)
+
+
+def test_searching_slices_finds_what_solving_finds() -> None:
+    key = KeyPair.from_seed(b"\x05" * 32).public_key
+    solved = solve_pow(key, 10)
+    first = int.from_bytes(solved.nonce, "big")
+    assert search_pow(key, 10, 0, first) is None
+    assert search_pow(key, 10, first, 1) == solved
+    assert proof_bits(key, solved.nonce) == solved.difficulty(key) >= 10
+    assert proof_bits(key, solved.nonce + b"\x00" * MAX_NONCE_BYTES) == 0  # overlong: no proof

@@ -16,9 +16,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dht import DHT
+from dht import DHT, DHTError
 from model_shards._server_node import ServerConfig, ServerNode
 from p2p import Host
+from scheduler import ServerState
 from security import KeyPair
 from swarm._peer import start_peer, stop_peer
 from swarm._procs import NodeProcess, stop_all
@@ -92,6 +93,23 @@ class LocalSwarm:
     def stop(self, node: ServerNode) -> None:
         """Stop one server gracefully (it announces offline)."""
         self.thread.run(node.stop())
+
+    def announce_throughput(self, node: ServerNode, throughput: float) -> None:
+        """Make ``node`` claim ``throughput`` (block-tokens/s), announced now (again if the
+        node's own announcement raced this one and made it stale)."""
+
+        async def announce() -> None:
+            node.server.throughput = throughput
+            for attempt in range(5):
+                try:
+                    await node.announcer.announce(ServerState.ONLINE)
+                    return
+                except DHTError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.1)
+
+        self.thread.run(announce())
 
     def close(self) -> None:
         async def shutdown() -> None:
