@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(PY) -m swarm demo
 
 bench: $(STAMP)
-	for b in transport dht placement generate; do $(PY) benchmarks/$$b.py --quick || exit 1; done
+	for b in transport dht placement generate spotcheck; do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

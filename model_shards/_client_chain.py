@@ -40,6 +40,7 @@ from scheduler import (
 from security import PeerId
 
 from ._announce import ServerRecord, read_servers, snapshot_of
+from ._client_errors import PeerBanned
 from ._dtypes import DTYPES
 from ._errors import BadRequest, ShardError
 from ._server_errors import BlockNotServed, ServerError, UnknownSession, remote_error
@@ -146,6 +147,10 @@ class RemoteChain:
         for peer in [p for p, (until, _) in self._banned.items() if until <= now]:
             del self._banned[peer]
         return {str(peer) for peer, (_, is_soft) in self._banned.items() if soft or not is_soft}
+
+    def is_banned(self, peer: PeerId) -> bool:
+        """Whether ``peer`` is banned now, softly or not."""
+        return str(peer) in self.banned()
 
     async def _measure(self, peers: Sequence[PeerId]) -> None:
         """Round trips to the servers not measured yet (unreachable ones stay unmeasured)."""
@@ -302,7 +307,11 @@ class RemoteChain:
     ) -> torch.Tensor:
         """``hidden`` (a whole sequence, no cache) through ``hop``'s blocks on ``hop``'s
         server alone, within the deadline its size calls for (``deadline_s``); the
-        server's errors as typed ``ShardError``, ``TimeoutError`` past the deadline."""
+        server's errors as typed ``ShardError``, ``TimeoutError`` past the deadline;
+        ``PeerBanned`` at once, sending nothing, for a server banned now (even softly: a
+        server that just missed a deadline may be dead, and would stall the caller)."""
+        if self.is_banned(hop.peer_id):
+            raise PeerBanned(f"{hop.peer_id} is banned by this client for now; use another")
         mask = wire_mask(attention_mask)
         tensors = [hidden.to(hop.dtype), *([] if mask is None else [mask])]
         deadline = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1])

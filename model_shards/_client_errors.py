@@ -2,7 +2,8 @@
 
     ShardError
     ├── FailoverFailed      a chain's server failed and no replacement for its blocks worked
-    └── CaughtCheating      a spot-check outvoted a server's step (why its hop failed over)
+    ├── CaughtCheating      a spot-check outvoted a server's step (why its hop failed over)
+    └── PeerBanned          a one-server call to a server this client banned
 
 When no server at all serves some blocks any more (for ``ClientLimits.failover_wait_s``),
 the client raises ``scheduler.MissingBlocksError`` instead, naming the blocks.
@@ -52,3 +53,10 @@ class CaughtCheating(ShardError):
         )
         self.peer = peer
         self.check = check
+
+
+class PeerBanned(ShardError):
+    """``RemoteChain.forward_on`` was asked to use a server the client banned (it failed,
+    was slow, or cheated, within ``ClientLimits.ban_s``): nothing was sent; ask another."""
+
+    code = "peer_banned"

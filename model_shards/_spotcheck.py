@@ -278,8 +278,15 @@ class SpotChecker:
         self._inform(result)
         if result.verdict is not Verdict.HONEST or result.accused:
             wrong = ", ".join(p.short() for p in result.accused) or "nobody"
-            _log.info(
-                "spot-check of %s: %s, %s wrong (%s)", hop, result.verdict, wrong, result.reason
+            # a small swarm often has no independent server: that is worth a debug line only
+            level = logging.INFO if result.accused else logging.DEBUG
+            _log.log(
+                level,
+                "spot-check of %s: %s, %s wrong (%s)",
+                hop,
+                result.verdict,
+                wrong,
+                result.reason,
             )
         return result
 
@@ -406,7 +413,7 @@ class SpotChecker:
             avoid_groups=avoid_groups,
             settings=self.settings,
             score=(lambda p: 0.0) if book is None else book.score,
-            banned=(lambda p: False) if book is None else book.is_banned,
+            banned=lambda p: self.chain.is_banned(p) or (book is not None and book.is_banned(p)),
             rng=self.rng,
         )
         candidates = [c for c in candidates if all(tolerance_for(p, c.precision) for p in against)]

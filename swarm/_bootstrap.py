@@ -1,15 +1,26 @@
 """``swarm bootstrap``: a DHT node that serves no blocks, for others to join through.
 
 It runs NAT traversal like ``join``: reachable from the internet, it relays for the
-nodes that are not (and checks their reachability); mDNS as in ``join``.
+nodes that are not (and checks their reachability); mDNS, ``--pow-bits``, the kept
+identity proof and the reputation book as in ``join``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ._join import add_mdns_argument
-from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, stop_signal
+from ._join import add_identity_arguments, add_mdns_argument
+from ._peer import (
+    DEFAULT_LISTEN,
+    identity_from,
+    proof_file_for,
+    reputation_file_in,
+    say,
+    start_peer,
+    stop_peer,
+    stop_signal,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MADDR",
         help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
     )
-    parser.add_argument("--identity", help="key file (created if missing); default: a new key")
+    add_identity_arguments(parser)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="swarm cache (reputation); default: $SWARM_CACHE_DIR or ~/.cache/swarm",
+    )
     add_mdns_argument(parser)
 
 
@@ -40,6 +56,9 @@ async def run(args: argparse.Namespace) -> int:
         server_mode=True,
         nat=True,
         mdns=not args.no_mdns,
+        pow_bits=args.pow_bits,
+        proof_file=proof_file_for(args.identity),
+        reputation_file=reputation_file_in(args.cache_dir),
     )
     try:
         for addr in host.addrs:

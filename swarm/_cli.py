@@ -8,6 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dht import NotBootstrapped
+from security import ReputationFileError
+
 from . import _bootstrap, _demo, _generate, _join, _status
 
 COMMANDS = {
@@ -39,10 +42,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # aioquic logs every handshake at INFO: only with -v
+        logging.getLogger("quic").setLevel(max(level, logging.WARNING))
     module = COMMANDS[args.command][0]
     try:
         result = module.run(args)
         code = asyncio.run(result) if asyncio.iscoroutine(result) else result
     except KeyboardInterrupt:
         code = 130
+    except (NotBootstrapped, ReputationFileError) as exc:
+        print(f"swarm {args.command}: {exc}", file=sys.stderr)
+        code = 1
     sys.exit(code)

@@ -11,20 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ._peer import say
+from ._peer import default_cache_dir, say
 from ._procs import NodeProcess, stop_all
 
 QUIC_LOOPBACK = "/ip4/127.0.0.1/udp/0/quic-v1"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SWARM_CACHE_DIR", Path.home() / ".cache" / "swarm"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,10 @@ from the internet joins the DHT as a client and serves its blocks through a rela
 is on unless ``--no-mdns``, on the private LAN addresses the node listens on; with no
 ``--bootstrap`` the node first waits up to ``LAN_WAIT_S`` for a LAN peer, so that the
 blocks it picks complement those its home cluster serves already.
+
+Trust (``swarm._peer``): ``--pow-bits`` is the swarm's identity proof-of-work difficulty;
+with ``--identity`` the solved proof is kept in ``<key file>.pow`` and reused at restarts;
+the node's reputation book lives in the swarm cache (``--cache-dir``).
 """
 
 from __future__ import annotations
@@ -24,8 +28,19 @@ from typing import TYPE_CHECKING
 
 from dht import DHT
 from p2p.discovery import lan_interfaces
+from security import DEFAULT_POW_DIFFICULTY
 
-from ._peer import DEFAULT_LISTEN, identity_from, say, start_peer, stop_peer, stop_signal
+from ._peer import (
+    DEFAULT_LISTEN,
+    DEFAULT_POW_BITS,
+    identity_from,
+    proof_file_for,
+    reputation_file_in,
+    say,
+    start_peer,
+    stop_peer,
+    stop_signal,
+)
 
 if TYPE_CHECKING:
     from model_shards._server_limits import ServerLimits
@@ -77,8 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MADDR",
         help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
     )
-    parser.add_argument("--identity", help="key file (created if missing); default: a new key")
-    parser.add_argument("--cache-dir", type=Path, help="swarm cache (throughputs)")
+    add_identity_arguments(parser)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="swarm cache (throughputs, reputation); default: $SWARM_CACHE_DIR or ~/.cache/swarm",
+    )
     parser.add_argument(
         "--no-rebalance",
         action="store_true",
@@ -91,6 +110,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: ServerLimits.drain_timeout_s)",
     )
     add_mdns_argument(parser)
+
+
+def parse_pow_bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pow-bits takes a number, not {text!r}") from None
+    if not 0 <= bits <= 64:
+        raise argparse.ArgumentTypeError(f"--pow-bits {bits}: need 0 <= N <= 64")
+    return bits
+
+
+def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--identity",
+        metavar="KEY_FILE",
+        help="key file (created if missing; its solved proof-of-work is kept in KEY_FILE.pow "
+        "and reused at restarts); default: a new key",
+    )
+    parser.add_argument(
+        "--pow-bits",
+        type=parse_pow_bits,
+        default=DEFAULT_POW_BITS,
+        metavar="N",
+        help="identity proof-of-work difficulty in bits (default: %(default)s). Every node "
+        "of a swarm must use the same value (a node refuses peers with weaker proofs); a "
+        f"public swarm should use security.DEFAULT_POW_DIFFICULTY ({DEFAULT_POW_DIFFICULTY})",
+    )
 
 
 def add_mdns_argument(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +193,9 @@ async def run(args: argparse.Namespace) -> int:
         server_mode=True,
         nat=True,
         mdns=not args.no_mdns,
+        pow_bits=args.pow_bits,
+        proof_file=proof_file_for(args.identity),
+        reputation_file=reputation_file_in(args.cache_dir),
     )
     try:
         for addr in host.addrs:

@@ -1,7 +1,7 @@
 """A generation client for the network lab, run as ``ip netns exec NS python gen_client.py``.
 
 It joins the swarm through ``--bootstrap`` as a DHT client whose Host can dial relayed
-servers and answer hole punches (``Relay`` and ``HolePuncher`` on the client's Host),
+servers and answer hole punches (``SwarmClient`` runs a ``Relay`` and a ``HolePuncher``),
 generates ``--new-tokens`` tokens greedily after ``--ids`` with
 ``DistributedModelForCausalLM``, and prints one JSON line: the tokens, and for each
 server of the chain the transports of the connections to it.
@@ -19,17 +19,8 @@ import torch
 
 from model_shards import DistributedModelForCausalLM
 from model_shards._client_runtime import SwarmClient
-from p2p import HolePuncher, Relay
 from security import KeyPair
 from transport import QuicTransport, TcpTransport
-
-
-async def _traverse(client: SwarmClient, quic: QuicTransport) -> tuple[Relay, HolePuncher]:
-    relay = Relay(client.host, client.identity)
-    await relay.start()
-    puncher = HolePuncher(client.host, quic, relay)
-    await puncher.start()
-    return relay, puncher
 
 
 async def _transports(client: SwarmClient) -> dict[str, list[str]]:
@@ -61,7 +52,6 @@ def main() -> None:
     client = SwarmClient(
         [args.bootstrap], identity=identity, transports=[TcpTransport(identity), quic]
     )
-    relay, puncher = client.run(_traverse(client, quic))
     ids = torch.tensor([[int(i) for i in args.ids.split(",")]])
     try:
         with DistributedModelForCausalLM.from_pretrained(
@@ -75,8 +65,6 @@ def main() -> None:
             "connections": client.run(_transports(client)),
         }
     finally:
-        client.run(puncher.stop())
-        client.run(relay.stop())
         client.close()
     print(json.dumps(report), flush=True)
 
