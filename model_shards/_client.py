@@ -324,6 +324,12 @@ class RemoteInferenceSession:
         return [] if self._chain is None else self._chain.route
 
     @property
+    def chain(self) -> ChainSession | None:
+        """The sessions along the chain (None until the first forward): their signed
+        answers (``HopSession.exchanges``) and published evidence (``evidence``)."""
+        return self._chain
+
+    @property
     def failovers(self) -> list[Failover]:
         """The hops replaced so far because their server failed (empty until one did)."""
         return [] if self._chain is None else list(self._chain.failovers)

@@ -37,12 +37,13 @@ from scheduler import (
     route_for_throughput,
     route_min_latency,
 )
-from security import PeerId
+from security import PeerId, SignedAnswer, digest
 
 from ._announce import ServerRecord, read_servers, snapshot_of
 from ._client_errors import PeerBanned
 from ._dtypes import DTYPES
 from ._errors import BadRequest, ShardError
+from ._evidence_wire import answer_of
 from ._server_errors import BlockNotServed, ServerError, UnknownSession, remote_error
 from ._server_limits import ClientLimits
 from ._server_protocol import (
@@ -310,12 +311,26 @@ class RemoteChain:
         server's errors as typed ``ShardError``, ``TimeoutError`` past the deadline;
         ``PeerBanned`` at once, sending nothing, for a server banned now (even softly: a
         server that just missed a deadline may be dead, and would stall the caller)."""
+        return (await self.forward_signed(hop, hidden, attention_mask))[0]
+
+    async def forward_signed(
+        self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SignedAnswer | None]:
+        """``forward_on``, with the server's signed answer (checked against the bytes sent
+        and received: ``ServerError`` when it does not hold; None from a server that signs
+        nothing)."""
         if self.is_banned(hop.peer_id):
             raise PeerBanned(f"{hop.peer_id} is banned by this client for now; use another")
         mask = wire_mask(attention_mask)
         tensors = [hidden.to(hop.dtype), *([] if mask is None else [mask])]
         deadline = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1])
-        return await self._unary(FORWARD_PROTOCOL, hop, tensors, timeout=deadline)
+        sizes, payload = pack_tensors(tensors, self.compression)
+        reply = await self._call(FORWARD_PROTOCOL, hop, sizes, payload, timeout=deadline)
+        output = output_of(reply, hop, self.limits)
+        answer = answer_of(
+            reply.value, hop, self.model_id, reply.payload, input_digest=digest(payload[: sizes[0]])
+        )
+        return output, answer
 
     async def _unary(
         self,
@@ -326,6 +341,27 @@ class RemoteChain:
         timeout: float | None = None,
     ) -> torch.Tensor:
         sizes, payload = pack_tensors(tensors, self.compression)
+        reply = await self._call(protocol, hop, sizes, payload, timeout=timeout)
+        output = output_of(reply, hop, self.limits)
+        if protocol == FORWARD_PROTOCOL:
+            answer_of(
+                reply.value,
+                hop,
+                self.model_id,
+                reply.payload,
+                input_digest=digest(payload[: sizes[0]]),
+            )
+        return output
+
+    async def _call(
+        self,
+        protocol: str,
+        hop: Hop,
+        sizes: list[int],
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+    ) -> RpcReply:
         request = {
             "model": self.model_id,
             "start": hop.start,
@@ -343,7 +379,7 @@ class RemoteChain:
             )
         except RemoteError as e:
             raise remote_error({"error": e.code, "message": e.message}, hop.peer_id) from None
-        return output_of(reply, hop, self.limits)
+        return reply
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -21,6 +21,11 @@ neighbours are relinked (``link``) for push, and the step goes on from that hop.
 are bounded (``ClientLimits.max_failovers``, with backoff); blocks no server serves any
 more give ``MissingBlocksError`` after ``ClientLimits.failover_wait_s``.
 
+Signed answers (``_evidence_wire``): every ``out`` is checked on receipt (its server's
+signature over the bytes received); a bad one, or none from a server that signed before,
+fails the hop over. A hop caught cheating on its first step is accused: evidence with the
+checkers' signed forwards is published to the DHT (best effort, ``ChainSession.evidence``).
+
 A step's deadline at one hop adapts to its size: ``step_timeout_base_s`` plus
 ``step_timeout_factor`` times ``batch x tokens x blocks / throughput`` (the server's
 announced throughput), so a killed server, which over QUIC sends nothing, stalls a
@@ -36,6 +41,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +49,12 @@ from typing import Any
 import torch
 
 from p2p import P2PError, RpcReply, RpcStream
-from security import PeerId
+from security import Evidence, PeerId, digest
 
 from ._client_chain import Hop, RemoteChain, is_lost, output_of, wire_mask
 from ._client_errors import CaughtCheating, FailoverFailed
 from ._errors import ShardError, TooLong
+from ._evidence_wire import KEPT_ANSWERS, Exchange, accuse, answer_of, host_identity, publish
 from ._server_errors import ServerError, remote_error
 from ._server_protocol import INFERENCE_PROTOCOL, pack_tensors
 from ._spotcheck import SpotCheck, SpotChecker, Verdict
@@ -102,6 +109,12 @@ class HopSession:
         self.next_hop = next_hop
         self.position = 0
         self._call = call
+        self.exchanges: deque[Exchange] = deque(maxlen=KEPT_ANSWERS)
+        """The server's latest signed answers, with the bytes they sign."""
+        self.signs = False
+        """Whether the server signed an answer: from then on every answer must be signed."""
+        self._sent: tuple[int, bytes] | None = None
+        """The last step sent and its hidden states' bytes."""
 
     def __repr__(self) -> str:
         return f"<HopSession {self.hop}>"
@@ -176,6 +189,7 @@ class HopSession:
         if mask is not None:
             tensors.append(mask)
         sizes, payload = pack_tensors(tensors, self.chain.compression)
+        self._sent = (step, payload[: sizes[0]])
         request = {
             "op": "step",
             "step": step,
@@ -205,7 +219,28 @@ class HopSession:
                 if "error" in value:
                     raise remote_error(value, self.hop.peer_id)
                 self.position = value.get("position", -1)
-                return output_of(reply, self.hop, self.chain.limits), value.get("pushed") is True
+                output = output_of(reply, self.hop, self.chain.limits)
+                self._verify(reply, answered)
+                return output, value.get("pushed") is True
+
+    def _verify(self, reply: RpcReply, step: object) -> None:
+        """Check the signed answer of ``reply`` (``answer_of``) and keep it, with the input
+        bytes it signs when the client sent them; ``ServerError`` (a failover) when it does
+        not hold, or is missing from a server that signed."""
+        answer = answer_of(
+            reply.value, self.hop, self.chain.model_id, reply.payload, session=self.session_id
+        )
+        if answer is None:
+            if self.signs:
+                raise ServerError(
+                    f"{self.hop.peer_id} stopped signing its answers", remote_code="bad_answer"
+                )
+            return
+        self.signs = True
+        sent = self._sent[1] if self._sent is not None and self._sent[0] == step else None
+        if sent is not None and digest(sent) != answer.input_digest:
+            sent = None  # a step the server had run already, on a pushed input: its answer
+        self.exchanges.append(Exchange(answer, sent, bytes(reply.payload or b"")))
 
     async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send a rollback or link and read its answer, skipping answers to earlier steps."""
@@ -311,6 +346,8 @@ class ChainSession:
         """Spot-checks each hop's steps (None: no checks)."""
         self.caught: list[SpotCheck] = []
         """Every spot-check that caught a hop of this session cheating, in order."""
+        self.evidence: list[Evidence] = []
+        """Evidence published against the hops caught cheating, in order."""
         self.batch_size = batch_size
         self.max_length = max_length
         self.position = 0
@@ -460,7 +497,23 @@ class ChainSession:
         _log.warning("hop %s caught cheating at step %d: %s", hop.hop, step, result.reason)
         self.caught.append(result)
         self.chain.ban(hop.hop.peer_id)
+        await self._accuse(hop, result)
         return result.replacement
+
+    async def _accuse(self, hop: HopSession, result: SpotCheck) -> None:
+        """Publish evidence against ``hop``'s server when its last signed answer and the
+        majority's signed forwards make it (``accuse``); best effort, bounded in time."""
+        if not hop.exchanges:
+            return
+        index = self.hops.index(hop)
+        before = self.hops[index - 1] if index > 0 else None
+        previous = before.exchanges[-1] if before is not None and before.exchanges else None
+        witnesses = [a for a in result.signed if a.signer in result.majority]
+        evidence = accuse(
+            host_identity(self.chain.host), hop.exchanges[-1], witnesses, previous=previous
+        )
+        if evidence is not None and await publish(self.chain.dht, evidence):
+            self.evidence.append(evidence)
 
     async def _undo_pushed(self, index: int, step: int) -> None:
         """Hops from ``index`` on ran ``step`` on a pushed output found wrong: one after the

@@ -17,6 +17,10 @@ moving bytes for every other session meanwhile; only a step expected to take les
 sparing two thread hand-offs per token. A bad request is answered with its typed
 error (``_server_errors``) and touches nothing else: the session that sent a bad step
 lives on, and other sessions never notice.
+
+Every step's ``out`` and every forward reply carry ``answer``: the server's
+``security.SignedAnswer`` over what it received and sent (``_evidence_wire``), signed with
+the Host's identity; a wrong answer so signed is evidence against this server.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from p2p import Host, P2PError, RpcCode, RpcContext, RpcError, RpcReply, RpcStream
 from scheduler import ServerState
-from security import PeerId
+from security import EMPTY_HISTORY, KeyPair, PeerId, SignedAnswer, chain_history, digest
 
 from ._announce import ServerRecord
 from ._cache import CachePool
@@ -100,8 +104,11 @@ class ShardServer:
         throughput: float,
         limits: ServerLimits | None = None,
         torch_threads: int | None = None,
+        identity: KeyPair | None = None,
     ) -> None:
         self.host = host
+        self.identity: KeyPair = identity if identity is not None else host.identity
+        """Signs every answer (``SignedAnswer``); the Host's own identity by default."""
         self.span = span
         self.manifest = manifest
         self.throughput = throughput
@@ -238,6 +245,27 @@ class ShardServer:
             self._spans[(start, end)] = found
         return found
 
+    def _sign(
+        self,
+        session: bytes,
+        step: int,
+        history: bytes,
+        input_digest: bytes,
+        output: bytes | memoryview,
+        span: Span,
+    ) -> SignedAnswer:
+        """This server's signed answer: one sha256 of ``output`` and one Ed25519 signature."""
+        return SignedAnswer.sign(
+            self.identity,
+            session=session,
+            step=step,
+            history=history,
+            input_digest=input_digest,
+            output_digest=digest(output),
+            span=(span.start, span.end),
+            model=self.manifest.model_id,
+        )
+
     # -- unary calls -----------------------------------------------------------------------
 
     async def _serve_forward(
@@ -252,6 +280,7 @@ class ShardServer:
             )
             hidden = tensors[0]
             mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
+            sent = request["tensors"][0]
 
             def run() -> tuple[list[int], bytes]:
                 return pack_tensors([span.forward(hidden, attention_mask=mask)], compression)
@@ -259,7 +288,9 @@ class ShardServer:
             sizes, data = await self._compute(run)
         except ShardError as e:
             raise RpcError(e.code, str(e)) from None
-        return RpcReply({"tensors": sizes}, data)
+        received = digest(payload[:sent] if payload is not None else b"")
+        answer = self._sign(b"", 0, EMPTY_HISTORY, received, data, span)
+        return RpcReply({"tensors": sizes, "answer": answer.to_wire()}, data)
 
     async def _serve_backward(
         self, ctx: RpcContext, request: Any, payload: memoryview | None
@@ -353,6 +384,8 @@ class ShardServer:
         return hop
 
     def _link(self, hop: _HopSession, prev: PeerId | None, target: NextHop | None) -> None:
+        if hop.prev is not None:
+            hop.former_prevs.add(hop.prev)
         hop.prev, hop.next = prev, target
         hop.next_confirmed = False
         if hop.warming is not None:
@@ -429,10 +462,12 @@ class ShardServer:
                 hidden = tensors[0]
                 mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
                 push = push_flag_of(request)
-                return await self._step(hop, step, push, hidden, mask, compression)
+                received = digest(message.payload[: request["tensors"][0]])
+                return await self._step(hop, step, push, hidden, mask, compression, received)
             if op == "rollback":
                 position = require(request, "position", int)
                 hop.session.rollback(position)
+                hop.forget_after(position)
                 return RpcReply({"op": "ok", "position": position})
             if op == "link":
                 self._link(hop, prev_of(request), next_of(request))
@@ -454,7 +489,13 @@ class ShardServer:
             return None
         try:
             return await self._step(
-                hop, item.step, item.push, item.hidden, item.mask, item.compression
+                hop,
+                item.step,
+                item.push,
+                item.hidden,
+                item.mask,
+                item.compression,
+                item.input_digest,
             )
         except ShardError as e:
             return RpcReply({**error_details(e), "step": item.step})
@@ -476,7 +517,13 @@ class ShardServer:
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
         compression: Compression,
+        input_digest: bytes,
     ) -> RpcReply:
+        """Run one step; its ``out`` carries this server's ``SignedAnswer`` over the
+        session's history, ``input_digest`` (the hidden states' bytes as received) and the
+        output bytes sent back. Its step is the session's count of steps kept before it
+        (0 for the first, as for a stateless forward), so that ``Evidence`` can recompute
+        it from that many inputs; the client's step id stays in ``step``."""
         session = hop.session
         target = hop.next if push and step is not None else None
 
@@ -505,7 +552,13 @@ class ShardServer:
                 }
                 pushed = await self._push(hop, target, request, data)
             out.update(step=step, pushed=pushed)
-        reply = RpcReply(out, memoryview(data)[: sizes[0]])
+        sent = memoryview(data)[: sizes[0]]
+        answer = self._sign(
+            hop.session_id, hop.steps_kept, hop.history, input_digest, sent, session.span
+        )
+        hop.ran(position, input_digest)
+        out["answer"] = answer.to_wire()
+        reply = RpcReply(out, sent)
         hop.log.record(step, reply)
         return reply
 
@@ -578,9 +631,12 @@ class ShardServer:
             dtype = hop.session.span.dtype
             if hidden.is_floating_point() and hidden.dtype != dtype:
                 hidden = hidden.to(dtype)
-            item = PushedStep(step, push_flag_of(request), hidden, mask, compression)
+            received = digest(owned[: request["tensors"][0]] if owned is not None else b"")
+            item = PushedStep(step, push_flag_of(request), hidden, mask, compression, received)
         except ShardError as e:
-            if notify and hop is not None and step is not None:
+            # only a server the client named as this session's prev may make it relay a step
+            named = hop is not None and (hop.prev == ctx.peer or ctx.peer in hop.former_prevs)
+            if notify and hop is not None and step is not None and named:
                 hop.inbox.offer(_PushRefused(step, e.code))
             raise RpcError(e.code, str(e)) from None
         if not hop.inbox.offer(item):
@@ -625,10 +681,33 @@ class _HopSession:
         self.inbox = inbox
         self.log = StepLog()
         self.prev: PeerId | None = None
+        self.former_prevs: set[PeerId] = set()
+        """Servers the client named as ``prev`` before its last ``link``: their refused
+        in-flight pushes are still told to the client."""
         self.next: NextHop | None = None
         self.next_confirmed = False
         """Whether ``next`` acknowledged a push: later pushes then go without waiting."""
         self.warming: asyncio.Task[None] | None = None
+        self.history = EMPTY_HISTORY
+        """The chained digest of every kept step's input (what the next answer signs)."""
+        self._histories: list[tuple[int, bytes]] = [(0, EMPTY_HISTORY)]
+        """(position after a step, history after it), oldest first, for rollbacks."""
+
+    @property
+    def steps_kept(self) -> int:
+        """Steps whose inputs the history chains: the index an answer signs as its step."""
+        return len(self._histories) - 1
+
+    def ran(self, position: int, input_digest: bytes) -> None:
+        """A step ending at ``position`` ran on an input with ``input_digest``."""
+        self.history = chain_history(self.history, input_digest)
+        self._histories.append((position, self.history))
+
+    def forget_after(self, position: int) -> None:
+        """A rollback to ``position``: the history of the last step kept whole."""
+        while len(self._histories) > 1 and self._histories[-1][0] > position:
+            self._histories.pop()
+        self.history = self._histories[-1][1]
 
     async def close(self) -> None:
         if self.warming is not None:

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ._errors import BadRequest, MalformedTensor
+from ._errors import BadRequest, InvalidShape, MalformedTensor
 from ._limits import WireLimits
 from ._wire import Compression, decode_tensor, encode_tensor
 
@@ -89,7 +89,10 @@ def unpack_tensors(
 ) -> list[torch.Tensor]:
     """The tensors of a payload (``MalformedTensor`` / ``TensorTooLarge`` on bad input).
 
-    The tensors are views of ``payload`` where no decompression is needed: keep it alive.
+    Every payload of these protocols starts with hidden states (or their gradient):
+    ``InvalidShape`` unless the first tensor is ``[batch, tokens, hidden]``, so that no
+    handler ever sizes a step from a tensor of another rank. The tensors are views of
+    ``payload`` where no decompression is needed: keep it alive.
     """
     if (
         not isinstance(sizes, list)
@@ -109,6 +112,11 @@ def unpack_tensors(
     for size in sizes:
         tensors.append(decode_tensor(view[offset : offset + size], limits))
         offset += size
+    if tensors[0].ndim != 3:
+        raise InvalidShape(
+            f"the first tensor must be hidden states [batch, tokens, hidden], "
+            f"got {list(tensors[0].shape)}"
+        )
     return tensors
 
 

@@ -53,6 +53,8 @@ class PushedStep:
     hidden: torch.Tensor
     mask: torch.Tensor | None
     compression: Compression
+    input_digest: bytes
+    """The sha256 of the hidden states' bytes as pushed (what the step's answer signs)."""
 
 
 def session_id_of(request: Mapping[str, Any], field: str = "session_id") -> bytes | None:

@@ -38,12 +38,13 @@ import torch
 
 from p2p import P2PError
 from scheduler import ServerState
-from security import Event, PeerId, ReputationBook, ip_group
+from security import Event, Evidence, PeerId, Recheck, ReputationBook, SignedAnswer, ip_group
 
 from ._announce import ServerRecord
 from ._client_chain import Hop, RemoteChain, wire_mask
 from ._errors import ShardError
 from ._tolerance import Discrepancy, Precision, Tolerance, discrepancy, tolerance_for
+from ._wire import decode_tensor
 
 _log = logging.getLogger("model_shards.spotcheck")
 
@@ -127,6 +128,9 @@ class SpotCheck:
     step_tokens: int = 0
     """Positions of the checked step (the last ones of the prefix)."""
     reason: str = ""
+    signed: tuple[SignedAnswer, ...] = ()
+    """The checkers' signed answers to their forwards of the prefix (from those that
+    sign): with ``CHEATER``, the majority's are the witnesses of ``Evidence``."""
 
     @property
     def replacement(self) -> torch.Tensor | None:
@@ -318,6 +322,7 @@ class SpotChecker:
 
         answers: list[tuple[Candidate, torch.Tensor]] = []
         fulls: list[torch.Tensor] = []
+        signed: list[SignedAnswer] = []
         avoid_peers = [peer]
         avoid_groups = [group_of(record, exempt_private=self.settings.exempt_private_addrs)]
         first: Discrepancy | None = None
@@ -337,7 +342,9 @@ class SpotChecker:
             tries += tried
             if got is None:
                 break
-            candidate, full = got
+            candidate, full, signature = got
+            if signature is not None:
+                signed.append(signature)
             answer = full[:, -new:]
             avoid_peers.append(candidate.record.peer_id)
             avoid_groups.append(candidate.group)
@@ -359,7 +366,14 @@ class SpotChecker:
                 majority = (peer, candidate.record.peer_id)
                 reason = f"agrees with {candidate.record.peer_id.short()}"
                 return SpotCheck(
-                    Verdict.HONEST, peer, checkers, majority, liars, first, reason=reason
+                    Verdict.HONEST,
+                    peer,
+                    checkers,
+                    majority,
+                    liars,
+                    first,
+                    reason=reason,
+                    signed=tuple(signed),
                 )
             for index, (other_candidate, other) in enumerate(answers):
                 if agree(other_candidate.precision, other, candidate.precision, answer):
@@ -380,6 +394,7 @@ class SpotChecker:
                         fulls[index].to(output.dtype),
                         new,
                         reason=f"two servers agree against it ({first})",
+                        signed=tuple(signed),
                     )
             answers.append((candidate, answer))
             fulls.append(full)
@@ -399,10 +414,10 @@ class SpotChecker:
         avoid_groups: Sequence[str | None],
         against: Sequence[Precision],
         tries: int,
-    ) -> tuple[tuple[Candidate, torch.Tensor] | None, int]:
+    ) -> tuple[tuple[Candidate, torch.Tensor, SignedAnswer | None] | None, int]:
         """``prefix`` through ``hop``'s blocks on the best independent server (comparable
         with ``checked`` and every precision ``against``) that answers within ``tries``
-        servers; and how many servers were asked."""
+        servers, with its signed answer; and how many servers were asked."""
         book = self.book
         candidates = choose_checkers(
             servers,
@@ -424,7 +439,7 @@ class SpotChecker:
             record = candidate.record
             target = Hop(record.peer_id, hop.start, hop.end, candidate.precision.dtype)
             try:
-                out = await self.chain.forward_on(target, prefix, sent_mask)
+                out, signature = await self.chain.forward_signed(target, prefix, sent_mask)
             except (P2PError, ShardError, TimeoutError) as e:
                 _log.info("checker %s failed: %s", record.peer_id.short(), e)
                 self._note(record.peer_id, Event.FAILURE)
@@ -433,7 +448,7 @@ class SpotChecker:
                 _log.info("checker %s answered a %s", record.peer_id.short(), list(out.shape))
                 self._note(record.peer_id, Event.FAILURE)
                 continue
-            return (candidate, out.to(torch.float32)), asked
+            return (candidate, out.to(torch.float32), signature), asked
         return None, asked
 
     def _note(self, peer: PeerId, event: Event) -> None:
@@ -464,3 +479,54 @@ def _inconclusive(
     peer: PeerId, checkers: tuple[PeerId, ...], found: Discrepancy | None, reason: str
 ) -> SpotCheck:
     return SpotCheck(Verdict.INCONCLUSIVE, peer, checkers, (), (), found, reason=reason)
+
+
+async def recheck(
+    chain: RemoteChain, evidence: Evidence, trusted: Sequence[PeerId]
+) -> list[Recheck]:
+    """The accused's question of inline ``evidence`` recomputed on the ``trusted`` servers
+    (stateless forwards): whether each agrees with the accused's output, within the
+    tolerance of its precision and the accused's announced one. A server that does not
+    answer, or whose precision is not comparable, gives no recheck (``judge`` then needs
+    others)."""
+    if not evidence.inline:
+        return []
+    answer = evidence.accused
+    try:
+        hidden = decode_tensor(evidence.inputs[-1])
+        claimed = decode_tensor(evidence.output).to(torch.float32)
+    except ShardError as e:
+        _log.info("evidence material does not decode: %s", e)
+        return []
+    servers = await chain.servers()
+    accused_record = servers.get(answer.signer)
+    accused = None if accused_record is None else precision_of(accused_record)
+    if accused is None:
+        _log.info("the accused %s announces no precision to compare", answer.signer.short())
+        return []
+    start, end = answer.span
+    rechecks = []
+    for peer in trusted:
+        record = servers.get(peer)
+        mine = None if record is None else precision_of(record)
+        if mine is None or tolerance_for(accused, mine) is None:
+            continue
+        try:
+            out = await chain.forward_on(Hop(peer, start, end, mine.dtype), hidden)
+        except (P2PError, ShardError, TimeoutError) as e:
+            _log.info("recheck on %s failed: %s", peer.short(), e)
+            continue
+        out = out.to(torch.float32)
+        tolerance = tolerance_for(accused, mine)
+        agrees = (
+            tolerance is not None
+            and out.shape == claimed.shape
+            and discrepancy(
+                hidden.to(torch.float32),
+                out,
+                claimed,
+                rounding=accused.unit_roundoff + mine.unit_roundoff,
+            ).within(tolerance)
+        )
+        rechecks.append(Recheck(peer, agrees))
+    return rechecks

@@ -135,6 +135,11 @@ class Host:
     # -- identity and addresses ----------------------------------------------------------
 
     @property
+    def identity(self) -> KeyPair:
+        """The key pair this Host runs as (its PeerID, and what it signs with)."""
+        return self._identity
+
+    @property
     def peer_id(self) -> PeerId:
         return self._identity.peer_id
 

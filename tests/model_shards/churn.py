@@ -23,7 +23,6 @@ TCP = "/ip4/127.0.0.1/tcp/0"
 QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
 START_S = 120.0
 """How long a server process may take to start (interpreter, torch, loading)."""
-SPARE_SLOWDOWN = 10.0
 
 
 def join_takes(option: str) -> bool:
@@ -48,14 +47,6 @@ class ChurnSwarm:
     def serve(self, start: int, end: int) -> ServerNode:
         """An in-process server of blocks ``[start, end)`` (never moves)."""
         return self.local.serve(self.model, start, end, rebalance=False)
-
-    def spare(self, start: int, end: int) -> ServerNode:
-        """An in-process server announcing ``SPARE_SLOWDOWN`` times less throughput than
-        it measured (as the processes did), so that routes prefer a process while it lives."""
-        node = self.serve(start, end)
-        fast = node.server.throughput
-        self.local.announce_throughput(node, fast / SPARE_SLOWDOWN)
-        return node
 
     def join(self, start: int, end: int, *, drain_s: float | None = None) -> NodeProcess:
         """Start ``swarm join`` of blocks ``[start, end)`` (``online`` waits for it)."""
