@@ -12,12 +12,8 @@ from pathlib import Path
 
 from ._join import add_identity_arguments, add_mdns_argument
 from ._peer import (
-    DEFAULT_LISTEN,
-    identity_from,
-    proof_file_for,
-    reputation_file_in,
     say,
-    start_peer,
+    start_node,
     stop_peer,
     stop_signal,
 )
@@ -49,17 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     stop = stop_signal()
-    host, dht = await start_peer(
-        identity_from(args.identity),
-        args.listen or DEFAULT_LISTEN,
-        args.bootstrap,
-        server_mode=True,
-        nat=True,
-        mdns=not args.no_mdns,
-        pow_bits=args.pow_bits,
-        proof_file=proof_file_for(args.identity),
-        reputation_file=reputation_file_in(args.cache_dir),
-    )
+    host, dht = await start_node(args)
     try:
         for addr in host.addrs:
             say(f"listening on {addr}")

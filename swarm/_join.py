@@ -31,13 +31,9 @@ from p2p.discovery import lan_interfaces
 from security import DEFAULT_POW_DIFFICULTY
 
 from ._peer import (
-    DEFAULT_LISTEN,
     DEFAULT_POW_BITS,
-    identity_from,
-    proof_file_for,
-    reputation_file_in,
     say,
-    start_peer,
+    start_node,
     stop_peer,
     stop_signal,
 )
@@ -185,18 +181,7 @@ async def run(args: argparse.Namespace) -> int:
         rebalance=not args.no_rebalance,
     )
     stop = stop_signal()
-    identity = identity_from(args.identity)
-    host, dht = await start_peer(
-        identity,
-        args.listen or DEFAULT_LISTEN,
-        args.bootstrap,
-        server_mode=True,
-        nat=True,
-        mdns=not args.no_mdns,
-        pow_bits=args.pow_bits,
-        proof_file=proof_file_for(args.identity),
-        reputation_file=reputation_file_in(args.cache_dir),
-    )
+    host, dht = await start_node(args)
     try:
         for addr in host.addrs:
             say(f"listening on {addr}")

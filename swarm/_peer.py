@@ -13,6 +13,7 @@ Imports no torch: ``bootstrap`` runs on the core packages alone.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
@@ -145,6 +146,23 @@ def save_proof(path: Path, proof: IdentityProof) -> None:
 
 def addrs_from(texts: Sequence[str]) -> list[Multiaddr]:
     return [Multiaddr.from_string(text) for text in texts]
+
+
+async def start_node(args: argparse.Namespace) -> tuple[Host, DHT]:
+    """``start_peer`` for ``join`` and ``bootstrap``: a DHT server with NAT traversal, from
+    the options they share (``--identity``, ``--listen``, ``--bootstrap``, ``--no-mdns``,
+    ``--pow-bits``, ``--cache-dir``)."""
+    return await start_peer(
+        identity_from(args.identity),
+        args.listen or DEFAULT_LISTEN,
+        args.bootstrap,
+        server_mode=True,
+        nat=True,
+        mdns=not args.no_mdns,
+        pow_bits=args.pow_bits,
+        proof_file=proof_file_for(args.identity),
+        reputation_file=reputation_file_in(args.cache_dir),
+    )
 
 
 async def start_peer(
