@@ -8,9 +8,8 @@ identity proof and the reputation book as in ``join``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ._join import add_identity_arguments, add_mdns_argument
+from ._join import add_mdns_argument, add_node_arguments
 from ._peer import (
     say,
     start_node,
@@ -20,26 +19,7 @@ from ._peer import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="MADDR",
-        help="a peer of the swarm to join through (repeatable); none: start a new swarm",
-    )
-    parser.add_argument(
-        "--listen",
-        action="append",
-        default=[],
-        metavar="MADDR",
-        help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
-    )
-    add_identity_arguments(parser)
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="swarm cache (reputation); default: $SWARM_CACHE_DIR or ~/.cache/swarm",
-    )
+    add_node_arguments(parser, cache_holds="reputation")
     add_mdns_argument(parser)
 
 

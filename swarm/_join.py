@@ -74,26 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (first CUDA device, else cpu), cpu, cuda or cuda:N"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="MADDR",
-        help="a peer of the swarm to join through (repeatable); none: start a new swarm",
-    )
-    parser.add_argument(
-        "--listen",
-        action="append",
-        default=[],
-        metavar="MADDR",
-        help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
-    )
-    add_identity_arguments(parser)
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="swarm cache (throughputs, reputation); default: $SWARM_CACHE_DIR or ~/.cache/swarm",
-    )
+    add_node_arguments(parser, cache_holds="throughputs, reputation")
     parser.add_argument(
         "--no-rebalance",
         action="store_true",
@@ -116,6 +97,31 @@ def parse_pow_bits(text: str) -> int:
     if not 0 <= bits <= 64:
         raise argparse.ArgumentTypeError(f"--pow-bits {bits}: need 0 <= N <= 64")
     return bits
+
+
+def add_node_arguments(parser: argparse.ArgumentParser, *, cache_holds: str) -> None:
+    """The options of a node of the swarm (``join`` and ``bootstrap``): where it listens,
+    whom it joins through, its identity and its cache (which holds ``cache_holds``)."""
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="a peer of the swarm to join through (repeatable); none: start a new swarm",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="MADDR",
+        help="address to listen on (repeatable); default: loopback TCP and QUIC, port 0",
+    )
+    add_identity_arguments(parser)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help=f"swarm cache ({cache_holds}); default: $SWARM_CACHE_DIR or ~/.cache/swarm",
+    )
 
 
 def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
