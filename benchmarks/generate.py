@@ -43,9 +43,13 @@ generated tokens: 1 - push / relay. With push a token crosses five links (client
 servers, client), relayed by the client it crosses eight.
 
 Failover (``failover_stall_s``, goal <= 2 s): four servers of the tiny Llama, two per half
-of its blocks, no delay; one uninterrupted 64-token greedy generation, then the same with
-the server of the first hop SIGKILLed when the 20th token comes out. The figure is the
-longest time between two tokens of that run; its tokens must equal the uninterrupted ones.
+of its blocks, no delay. Twice, one uninterrupted 64-token greedy generation, then the
+same with a server of the chain SIGKILLed when the 20th token comes out: first the first
+hop's, the client reaching servers over TCP (the kernel resets a killed process's
+connections), then the last hop's, a new client reaching them over QUIC (a killed peer
+sends nothing; its loss is found by the step deadline). A run's figure is the longest time
+between two tokens (``failover_tcp_stall_s``, ``failover_quic_stall_s``);
+``failover_stall_s`` is the larger. Tokens must equal the uninterrupted ones.
 
 Every process starts at once, before anything is timed: the two shapes' swarms, the memory
 probe, and the push and failover swarms (about twenty ``python -m swarm`` processes whose
@@ -86,6 +90,7 @@ from model_shards._client import DistributedModelForCausalLM  # noqa: E402
 from model_shards._client_runtime import SwarmClient  # noqa: E402
 from model_shards._client_timing import TokenClock  # noqa: E402
 from model_shards._server_limits import ClientLimits  # noqa: E402
+from p2p import ConnectionLimits, HostLimits  # noqa: E402
 from security import KeyPair, PeerId  # noqa: E402
 from swarm._procs import NodeProcess, stop_all  # noqa: E402
 from transport import DelayTransport, Multiaddr, QuicTransport, TcpTransport  # noqa: E402
@@ -162,20 +167,24 @@ def spans(layers: int, parts: int) -> list[tuple[int, int]]:
 
 
 def join_args(
-    path: Path, start: int, end: int, bootstrap: str, args: argparse.Namespace
+    path: Path, start: int, end: int, bootstrap: str | None, args: argparse.Namespace
 ) -> list[str]:
+    """``swarm join`` of blocks ``[start, end)`` on the CPU in float32, unquantized
+    (``bootstrap`` None: a swarm of its own)."""
+    joining = [] if bootstrap is None else ["--bootstrap", bootstrap]
     return [
         "join",
         "--model",
         str(path),
         "--blocks",
         f"{start}:{end}",
-        "--bootstrap",
-        bootstrap,
+        *joining,
         "--listen",
         TCP,
         "--threads",
         str(args.threads),
+        "--device",
+        "cpu",
         "--quant",
         "none",
         "--dtype",
@@ -230,7 +239,7 @@ def bench_shape(shape: Shape, swarm: Swarm, repeats: int) -> dict[str, Any]:
         limits = ClientLimits(route_wait_s=60.0)
         with (
             DistributedModelForCausalLM.from_pretrained(
-                path, initial_peers=[swarm.bootstrap], limits=limits
+                path, initial_peers=[swarm.bootstrap], limits=limits, device="cpu"
             ) as remote,
             torch.no_grad(),
         ):
@@ -377,6 +386,7 @@ def bench_push(swarm: Swarm, args: argparse.Namespace) -> dict[str, Any]:
                     initial_peers=[bootstrap],
                     limits=ClientLimits(route_wait_s=60.0, push=push),
                     client=runtime,
+                    device="cpu",
                 )
                 for push in (True, False)
             }
@@ -417,52 +427,77 @@ def failover_swarm(args: argparse.Namespace, logs: Path) -> Swarm:
     return Swarm("failover", path, bounds, args, logs)
 
 
-def bench_failover(swarm: Swarm) -> dict[str, Any]:
-    """The slowest token of a 64-token generation when a server of the chain is SIGKILLed
-    (two servers per span), and whether the tokens equal the uninterrupted run's."""
-    shape = TINY_SHAPE
-    path = swarm.path
-    bootstrap = swarm.bootstrap
-    servers = swarm.servers
-    try:
-        prompt = torch.randint(
-            3, shape.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(3)
-        )
-        options = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
-        with (
-            DistributedModelForCausalLM.from_pretrained(
-                path, initial_peers=[bootstrap], limits=ClientLimits(route_wait_s=60.0)
-            ) as model,
-            torch.no_grad(),
-        ):
-            model.generate(prompt, do_sample=False, max_new_tokens=4)
-            steady = TokenClock()
-            expected = model.generate(prompt, streamer=steady, **options)
-            killed: list[PeerId] = []
+def failover_run(
+    swarm: Swarm, model: DistributedModelForCausalLM, hop: int, prompt: torch.Tensor
+) -> dict[str, Any]:
+    """One uninterrupted 64-token generation, then one where the server of ``hop`` is
+    SIGKILLed at token ``KILL_AT_TOKEN``: the slowest token of each, whether they agree."""
+    options = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+    model.generate(prompt, do_sample=False, max_new_tokens=4)
+    steady = TokenClock()
+    expected = model.generate(prompt, streamer=steady, **options)
+    killed: list[PeerId] = []
 
-            def kill_first_hop(token: int) -> None:
-                session = model.session
-                if token == KILL_AT_TOKEN and session is not None:
-                    peer = session.hops[0].peer_id
-                    servers[peer].kill()
-                    killed.append(peer)
+    def kill(token: int) -> None:
+        session = model.session
+        if token == KILL_AT_TOKEN and session is not None:
+            peer = session.hops[hop].peer_id
+            swarm.servers[peer].kill()
+            killed.append(peer)
 
-            clock = TokenClock(kill_first_hop)
-            started = time.perf_counter()
-            got = model.generate(prompt, streamer=clock, **options)
-            wall_s = time.perf_counter() - started
-    finally:
-        swarm.stop()
+    clock = TokenClock(kill)
+    started = time.perf_counter()
+    got = model.generate(prompt, streamer=clock, **options)
+    wall_s = time.perf_counter() - started
     if not killed:
         raise RuntimeError(f"no server was killed at token {KILL_AT_TOKEN}")
-    log(f"failover: killed {killed[0].short()} at token {KILL_AT_TOKEN}: {clock.stall_s:.3f}s")
+    log(
+        f"failover: killed {killed[0].short()} (hop {hop}) at token {KILL_AT_TOKEN}: "
+        f"{clock.stall_s:.3f}s"
+    )
     return {
-        "failover_stall_s": clock.stall_s,
-        "failover_steady_max_gap_s": steady.stall_s,
-        "failover_median_gap_s": statistics.median(clock.gaps_s[1:]),
-        "failover_wall_s": wall_s,
-        "failover_identical": torch.equal(expected, got),
+        "stall_s": clock.stall_s,
+        "steady_max_gap_s": steady.stall_s,
+        "median_gap_s": statistics.median(clock.gaps_s[1:]),
+        "wall_s": wall_s,
+        "identical": torch.equal(expected, got),
     }
+
+
+def bench_failover(swarm: Swarm) -> dict[str, Any]:
+    """Two SIGKILLs on the failover swarm (two servers per span): the first hop's server
+    under a client that reaches servers over TCP (the kernel resets the connections of a
+    killed process: the loss shows at once), then the last hop's under a client that
+    reaches them over QUIC (a killed peer sends nothing: found by the step deadline)."""
+    prompt = torch.randint(
+        3, TINY_SHAPE.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(3)
+    )
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for name, hop, preference in (("tcp", 0, ("tcp", "quic")), ("quic", -1, ("quic", "tcp"))):
+            host_limits = HostLimits(connections=ConnectionLimits(transport_preference=preference))
+            limits = ClientLimits(route_wait_s=60.0)
+            client = SwarmClient([swarm.bootstrap], limits=limits, host_limits=host_limits)
+            model = DistributedModelForCausalLM.from_pretrained(
+                swarm.path,
+                initial_peers=[swarm.bootstrap],
+                limits=limits,
+                client=client,
+                device="cpu",
+            )
+            model._owns_client = True
+            with model, torch.no_grad():
+                runs[name] = failover_run(swarm, model, hop, prompt)
+    finally:
+        swarm.stop()
+    figures = {
+        "failover_stall_s": max(run["stall_s"] for run in runs.values()),
+        "failover_steady_max_gap_s": max(run["steady_max_gap_s"] for run in runs.values()),
+        "failover_identical": all(run["identical"] for run in runs.values()),
+    }
+    for name, run in runs.items():
+        figures.update({f"failover_{name}_{key}": value for key, value in run.items()})
+    return figures
 
 
 def bench_churn(swarms: dict[str, Swarm], args: argparse.Namespace) -> dict[str, Any]:
@@ -488,12 +523,14 @@ def print_churn(figures: dict[str, Any]) -> None:
         )
     if "failover_stall_s" in figures:
         print()
-        print(
-            f"failover (SIGKILL of a first-hop server at token {KILL_AT_TOKEN} of "
-            f"{NEW_TOKENS}): slowest token {figures['failover_stall_s']:.3f}s (steady run "
-            f"{figures['failover_steady_max_gap_s']:.3f}s), identical "
-            f"{'yes' if figures['failover_identical'] else 'NO'}"
-        )
+        for name, hop in (("tcp", "first"), ("quic", "last")):
+            print(
+                f"failover over {name} (SIGKILL of the {hop} hop's server at token "
+                f"{KILL_AT_TOKEN} of {NEW_TOKENS}): slowest token "
+                f"{figures[f'failover_{name}_stall_s']:.3f}s (steady run "
+                f"{figures[f'failover_{name}_steady_max_gap_s']:.3f}s), identical "
+                f"{'yes' if figures[f'failover_{name}_identical'] else 'NO'}"
+            )
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -533,23 +570,7 @@ def start_memory(args: argparse.Namespace, logs: Path) -> MemoryProbe:
         [sys.executable, "-c", BASELINE], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     node = NodeProcess(
-        [
-            "join",
-            "--model",
-            str(path),
-            "--blocks",
-            f"0:{shape.layers // 4}",
-            "--listen",
-            TCP,
-            "--threads",
-            str(args.threads),
-            "--quant",
-            "none",
-            "--dtype",
-            "float32",
-            "--cache-dir",
-            str(args.cache_dir),
-        ],
+        join_args(path, 0, shape.layers // 4, None, args),
         log_path=logs / "memory-server.log",
     )
     return MemoryProbe(node, baseline, full_bytes)

@@ -109,7 +109,12 @@ class DHT:
     Host's key pair, needed to sign sub-keys owned by this peer. ``clock`` gives the
     Unix time that record expiries are compared with. ``proof`` is this peer's
     identity proof-of-work (solved at ``start`` when absent); ``score`` is the
-    routing table's reputation hook (``RoutingTable``).
+    routing table's reputation hook (``RoutingTable``). ``on_outcome(peer, ok,
+    timed_out)`` hears how every request this node sends ends: ``ok`` when the peer
+    answered (a refusal is an answer), else ``timed_out`` when it did not answer in
+    ``DhtLimits.rpc_timeout_s``; an unreachable peer, a malformed answer or a too weak
+    identity proof are failures (e.g. ``ReputationBook.record_outcome``, which then
+    feeds ``score``).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class DHT:
         rng: random.Random | None = None,
         proof: IdentityProof | None = None,
         score: Callable[[PeerId], float] | None = None,
+        on_outcome: Callable[[PeerId, bool, bool], object] | None = None,
     ) -> None:
         if identity is not None and identity.peer_id != host.peer_id:
             raise DhtConfigError(
@@ -148,6 +154,7 @@ class DHT:
             host.peer_id, limits, now=clock(), validators=self.validators, score=score
         )
         self._proof = proof
+        self._on_outcome = on_outcome
         if proof is not None:
             self._core.proof = proof.nonce
         self._codec = Codec(limits)
@@ -305,10 +312,14 @@ class DHT:
             _log.debug("%s request to %s failed: %s", type(request).__name__, peer, exc)
             self._failed += 1
             self._core.table.failed(peer)
+            self._outcome(peer, False, isinstance(exc, TimeoutError))
             return None
         if reply.refused is not RefusalCode.OK:
+            self._outcome(peer, True, False)
             return reply
-        if not self._core.proven(peer, reply.proof):
+        proven = self._core.proven(peer, reply.proof)
+        self._outcome(peer, proven, False)
+        if not proven:
             self._core.rejected_by_pow += 1
             self._core.table.remove(peer)
             bits = proof_bits(peer.public_key(), reply.proof)
@@ -319,6 +330,10 @@ class DHT:
             )
         self._seen(contact)
         return reply
+
+    def _outcome(self, peer: PeerId, ok: bool, timed_out: bool) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(peer, ok, timed_out)
 
     async def _serve(self, ctx: RpcContext, message: Any, payload: memoryview | None) -> Any:
         try:

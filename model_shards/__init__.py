@@ -20,11 +20,12 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "_cache": ("CachePool", "CacheReservation"),
     "_checkpoint": ("Checkpoint", "resolve_checkpoint_dir"),
     "_client": ("DistributedModelForCausalLM",),
-    "_client_errors": ("CaughtCheating", "FailoverFailed", "PeerBanned"),
+    "_client_errors": ("CaughtCheating", "FailoverFailed", "PeerBanned", "RewindsExhausted"),
     "_client_runtime": ("SwarmClient",),
     "_client_session": ("ChainSession", "Failover"),
     "_client_timing": ("TokenClock",),
     "_ends": ("ModelEnds", "load_model_ends"),
+    "_evidence_wire": ("EVIDENCE_PROTOCOL", "BadAnswer", "UnsignedAnswer"),
     "_errors": (
         "BadRequest",
         "CacheFull",
@@ -72,7 +73,9 @@ _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in nam
 _MODEL_EXTRA = frozenset({"torch", "transformers", "bitsandbytes", "safetensors", "tqdm"})
 
 __all__ = [
+    "EVIDENCE_PROTOCOL",
     "FAMILIES",
+    "BadAnswer",
     "BadRequest",
     "BlockNotServed",
     "CacheFull",
@@ -105,6 +108,7 @@ __all__ = [
     "Quantization",
     "QuantizedExperts",
     "RequestLimits",
+    "RewindsExhausted",
     "ServerConfig",
     "ServerError",
     "ServerLimits",
@@ -126,6 +130,7 @@ __all__ = [
     "TooLong",
     "UnknownModelFamily",
     "UnknownSession",
+    "UnsignedAnswer",
     "Verdict",
     "WireLimits",
     "WrongDtype",

@@ -13,14 +13,36 @@ input that departs from them (a changed prompt, a reordered beam) rolls the serv
 the common prefix: the result is always what the whole model would give.
 
 Spot-checks (``_spotcheck``): a share ``spot_check_rate`` of every hop's steps (1.0:
-paranoid) is re-run on independent servers; a hop caught cheating is banned, its output
-replaced by the majority's before any token is drawn from it, and its blocks failed over.
+paranoid) is re-run on independent servers; a hop caught cheating by a check that blocks
+its step (paranoid, or a server on probation) is banned, its output replaced by the
+majority's before any token is drawn from it, and its blocks failed over.
 Outcomes go to the model's ``ReputationBook`` (``book``), kept at ``reputation_path``
 across runs when one is given.
+
+Checks of servers off probation at the ordinary rate run in the background
+(``SpotCheckSettings.background``): the token does not wait for them, a cheater one
+catches rewinds the generation (below), and ``generate`` waits for the checks still
+running before it returns (``RemoteInferenceSession.settle``), so that its tokens never
+come from a cheater a started check catches; a streamer's ``end()`` comes after that.
+
+Rewinds: a hop caught at step k may have corrupted earlier steps no check covered. The
+session compares its earlier answers with the majority's output for its whole prefix; from
+the first position p that disagrees, every later state is suspect, so the chain is rolled
+back to p (``Rewind``) and ``generate`` draws every token after the first p + 1 again
+(greedy gives the honest run's tokens; sampling draws anew), with the same total of new
+tokens, at most ``ClientLimits.max_rewinds`` times per call (then ``RewindsExhausted``).
+A streamer has already been handed the tokens drawn after p: ``generate`` calls its
+``rewound(length)`` method, if it has one (``TokenClock`` does, and ``swarm generate``
+prints a notice), with the length of the sequence kept, then goes on with ``put`` of the
+new tokens only and one ``end()``. After a rewind, ``sequences`` of a ``generate`` output
+is whole but per-step outputs (``scores``, ``logits``) cover the tokens drawn since the
+last rewind only; in a batch, a row that had finished before p is not known to be
+finished again (it may go on past its end-of-sequence token).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -37,14 +59,32 @@ from transport import Multiaddr
 from ._announce import ServerRecord
 from ._checkpoint import Checkpoint
 from ._client_chain import ChainTrace, Hop, RemoteChain
+from ._client_errors import RewindsExhausted
 from ._client_runtime import SwarmClient
-from ._client_session import ChainSession, Failover
+from ._client_session import ChainSession, Failover, Rewind
 from ._ends import ModelEnds, load_model_ends
 from ._errors import TooLong
 from ._manifest import Manifest, load_manifest
 from ._server_limits import ClientLimits
 from ._spotcheck import DEFAULT_RATE, SpotCheck, SpotChecker, SpotCheckSettings
 from ._wire import Compression
+from .families import FAMILIES
+
+_log = logging.getLogger("model_shards.client")
+
+
+def _checkable(config: PretrainedConfig) -> bool:
+    """Whether servers of this model can be spot-checked (``ModelFamily.spot_checkable``);
+    a warning says why not."""
+    family = FAMILIES.get(config.model_type)
+    if family is None or family.spot_checkable:
+        return True
+    _log.warning(
+        "spot-checks are off for %s models: honest servers of a mixture of experts can "
+        "disagree by more than any tolerance (a rounding difference flips an expert)",
+        config.model_type,
+    )
+    return False
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -112,7 +152,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         manifest = load_manifest(checkpoint)
         ends = load_model_ends(checkpoint, dtype=dtype, device=device, manifest=manifest)
         owned = client is None
-        runtime = client or SwarmClient(initial_peers, limits=limits)
+        runtime = client or SwarmClient(initial_peers, limits=limits, book=book)
         chain = RemoteChain(
             runtime.host,
             runtime.dht,
@@ -120,8 +160,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             manifest.num_blocks,
             limits=limits,
             compression=Compression(compression),
+            book=book,
         )
-        checker = SpotChecker(chain, settings=settings, book=book) if settings.rate > 0 else None
+        checker = (
+            SpotChecker(chain, settings=settings, book=book)
+            if settings.rate > 0 and _checkable(checkpoint.config)
+            else None
+        )
         model = cls(
             checkpoint.config,
             ends,
@@ -205,9 +250,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """``GenerationMixin.generate``, inside an inference session sized for the call
-        (the open one, if any)."""
-        if self._session is not None:
-            return super().generate(inputs, *args, **kwargs)
+        (the open one, if any), drawn again from the first corrupted position after each
+        rewind (module doc)."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise ValueError("generate needs input_ids: the servers' sessions work on tokens")
@@ -217,8 +261,50 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             max_length = ids.shape[-1] + new_tokens
         else:
             max_length = kwargs.get("max_length", config.max_length)
+        if self._session is not None:
+            return self._rewinding(ids, max_length, args, kwargs)
         with self.inference_session(max_length=max_length):
-            return super().generate(inputs, *args, **kwargs)
+            return self._rewinding(ids, max_length, args, kwargs)
+
+    def _rewinding(
+        self, ids: torch.Tensor, max_length: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``GenerationMixin.generate`` of ``ids`` up to ``max_length`` tokens in all,
+        started again from the kept tokens after each ``Rewind``."""
+        prompt = ids.shape[-1]
+        kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}
+        streamer = kwargs.get("streamer")
+        config = kwargs.get("generation_config") or self.generation_config
+        min_new = kwargs.get("min_new_tokens", config.min_new_tokens)
+        limit = self.chain.limits.max_rewinds
+        rewinds = 0
+        if streamer is not None:
+            kwargs["streamer"] = _Resumed(streamer, prompt=False)
+        while True:
+            try:
+                output = super().generate(ids, *args, **kwargs)
+                if self._session is not None:
+                    self._session.settle()
+            except _Rewound as signal:
+                rewinds += 1
+                if rewinds > limit:
+                    raise RewindsExhausted(limit, signal) from signal
+                keep = max(signal.position + 1, prompt)
+                ids = signal.input_ids[:, :keep].to(ids.device)
+                kwargs["attention_mask"] = signal.attention_mask[:, :keep].to(ids.device).long()
+                kwargs["max_new_tokens"] = max_length - keep
+                kwargs.pop("max_length", None)
+                if min_new:
+                    kwargs["min_new_tokens"] = max(0, min_new - (keep - prompt))
+                if streamer is not None:
+                    rewound = getattr(streamer, "rewound", None)
+                    if rewound is not None:
+                        rewound(keep)
+                    kwargs["streamer"] = _Resumed(streamer, prompt=True)
+                continue
+            if streamer is not None:
+                streamer.end()
+            return output
 
     def forward(
         self,
@@ -233,6 +319,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits of the tokens given (inside a session: of the tokens it did not hold).
 
         Positions always follow the attention mask (as ``generate`` numbers them).
+        Inside a session a forward may raise ``Rewind`` (a cheater caught late: the session
+        then holds the first ``position`` tokens; ``generate`` handles it, module doc).
         Outside a session the call is stateless and differentiable: gradients flow to
         ``inputs_embeds`` through the servers' backward.
         """
@@ -268,6 +356,36 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return _RemoteBlocks.apply(hidden, attention_mask, self)
         output = self.client.run(self.chain.forward(hidden.detach().cpu(), attention_mask))
         return output.to(hidden.device)
+
+
+class _Rewound(Rewind):
+    """A ``Rewind`` seen by ``RemoteInferenceSession.advance``, with the ids and mask of
+    the forward it broke (``generate`` keeps their first tokens and goes on)."""
+
+    def __init__(self, rewind: Rewind, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__(rewind.position, rewind.check)
+        self.input_ids = input_ids
+        self.attention_mask = mask
+
+
+class _Resumed:
+    """The user's streamer inside ``generate``: its ``end`` waits for the background
+    spot-checks (``_rewinding`` calls it once they found no cheater); after a rewind
+    (``prompt``) the retry's prompt, tokens the streamer was handed already, is not passed
+    on."""
+
+    def __init__(self, streamer: Any, *, prompt: bool) -> None:
+        self._streamer = streamer
+        self._prompt = prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self._streamer.put(value)
+
+    def end(self) -> None:
+        """Generation stopped: ``_rewinding`` ends the user's streamer once it is final."""
 
 
 class _RemoteBlocks(torch.autograd.Function):
@@ -339,6 +457,11 @@ class RemoteInferenceSession:
         """The spot-checks that caught a hop cheating so far (its steps were corrected)."""
         return [] if self._chain is None else list(self._chain.caught)
 
+    @property
+    def rewinds(self) -> list[int]:
+        """Every position the chain was rewound to after catching a cheater, in order."""
+        return [] if self._chain is None else list(self._chain.rewinds)
+
     def advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The last block's output for the tokens of ``input_ids`` the servers lack."""
         if self._closed:
@@ -371,9 +494,27 @@ class RemoteInferenceSession:
             model.client.run(self._chain.rollback(keep))
         new_ids = input_ids[:, keep:]
         hidden = model.ends.embed(new_ids).detach().cpu()
-        output = model.client.run(self._chain.step(hidden, mask[:, keep:]))
+        try:
+            output = model.client.run(self._chain.step(hidden, mask[:, keep:]))
+        except Rewind as rewind:
+            held = rewind.position
+            self._ids, self._mask = input_ids[:, :held], mask[:, :held]
+            raise _Rewound(rewind, input_ids, mask) from rewind
         self._ids, self._mask = input_ids, mask
         return output.to(model.ends.device)
+
+    def settle(self) -> None:
+        """Wait for the background spot-checks still running (``ChainSession.settle``): a
+        cheater one catches rewinds the session as a forward does (``Rewind``, with the
+        tokens held)."""
+        if self._closed or self._chain is None or self._ids is None or self._mask is None:
+            return
+        try:
+            self.model.client.run(self._chain.settle())
+        except Rewind as rewind:
+            ids, mask = self._ids, self._mask
+            self._ids, self._mask = ids[:, : rewind.position], mask[:, : rewind.position]
+            raise _Rewound(rewind, ids, mask) from rewind
 
     def _common_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor) -> int:
         if self._ids is None or self._mask is None:

@@ -11,6 +11,15 @@ when a server of an inference chain fails, a replacement for exactly its blocks
 (lost connection, error) keeps it out of every route; a soft ban (it only missed a
 deadline, the connection still open) keeps it out of routes that can do without it, so a
 slow server that alone serves some blocks is still used.
+
+With a reputation book (``security.ReputationBook``, ``book=``), routing consults it too:
+peers it bans are left out; peers on probation are avoided (used only where nothing else
+serves) while their share of this client's recent traffic is at its cap (``eligible``,
+fed by ``note_request`` for every hop routed); and its ``routing_weights`` (score, IP
+group crowding) bias the choice: divided into a hop's cost for least latency, multiplied
+into the chance of a draw by throughput (where probation peers' weights are capped too).
+Every stateless call's outcome is recorded in it (``SUCCESS``, ``FAILURE``, ``TIMEOUT``),
+and so is every ``ban`` (a failure, a timeout for a soft ban).
 Inference sessions (``ChainSession``) live in ``_client_session``.
 """
 
@@ -20,8 +29,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,13 +47,13 @@ from scheduler import (
     route_for_throughput,
     route_min_latency,
 )
-from security import PeerId, SignedAnswer, digest
+from security import Event, PeerId, ReputationBook, SignedAnswer, digest
 
 from ._announce import ServerRecord, read_servers, snapshot_of
 from ._client_errors import PeerBanned
 from ._dtypes import DTYPES
 from ._errors import BadRequest, ShardError
-from ._evidence_wire import answer_of
+from ._evidence_wire import BACKWARD_SESSION, answer_of
 from ._server_errors import BlockNotServed, ServerError, UnknownSession, remote_error
 from ._server_limits import ClientLimits
 from ._server_protocol import (
@@ -83,6 +93,23 @@ class ChainTrace:
         return self.states[-1]
 
 
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """What a route leaves out, avoids and prefers, as the scheduler's peer keys."""
+
+    banned: set[str]
+    """Never routed to: hard bans of this chain, peers the book bans."""
+    avoid: set[str] = field(default_factory=set)
+    """Used only where nothing else serves: soft bans, probation peers past their share."""
+    weights: dict[str, float] | None = None
+    """The book's routing weights (None: no book)."""
+
+
+LAST_RESORT_WEIGHT = 0.01
+"""The routing weight of a server the book banned for failures and timeouts alone (the
+book weighs it 0): used only for blocks nobody else serves, at a hundredfold cost."""
+
+
 class RemoteChain:
     """The blocks of one model, as the swarm serves them (use on the client's loop)."""
 
@@ -97,6 +124,7 @@ class RemoteChain:
         compression: Compression = Compression.NONE,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        book: ReputationBook | None = None,
     ) -> None:
         self.host = host
         self.dht = dht
@@ -111,6 +139,9 @@ class RemoteChain:
         self._rtts: dict[PeerId, float] = {}
         self._banned: dict[PeerId, tuple[float, bool]] = {}
         """Per banned peer: until when, and whether the ban is soft."""
+        self.book = book
+        """The client's reputation book, consulted by routing and fed every call's outcome
+        (None: routing on this chain's bans alone, nothing recorded)."""
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -132,7 +163,12 @@ class RemoteChain:
     def ban(self, peer: PeerId, *, soft: bool = False) -> None:
         """Route nothing to ``peer`` for ``ClientLimits.ban_s``; with ``soft`` (it was only
         slow) routes still use it where nothing else covers its blocks. A soft ban never
-        weakens a hard one."""
+        weakens a hard one. The book (if any) records a ``TIMEOUT`` for a soft ban, a
+        ``FAILURE`` for a hard one."""
+        self._record(peer, Event.TIMEOUT if soft else Event.FAILURE)
+        self._ban(peer, soft=soft)
+
+    def _ban(self, peer: PeerId, *, soft: bool) -> None:
         until = self._clock() + self.limits.ban_s
         current = self._banned.get(peer)
         hard_now = current is not None and not current[1] and current[0] > self._clock()
@@ -150,8 +186,51 @@ class RemoteChain:
         return {str(peer) for peer, (_, is_soft) in self._banned.items() if soft or not is_soft}
 
     def is_banned(self, peer: PeerId) -> bool:
-        """Whether ``peer`` is banned now, softly or not."""
-        return str(peer) in self.banned()
+        """Whether ``peer`` is banned now, softly or not, by this chain or by the book."""
+        return str(peer) in self.banned() or (self.book is not None and self.book.is_banned(peer))
+
+    def _record(self, peer: PeerId, event: Event) -> None:
+        if self.book is not None:
+            self.book.record(peer, event)
+
+    @contextmanager
+    def _judged(self, peer: PeerId) -> Iterator[None]:
+        """Record in the book how a call to ``peer`` inside ends: ``SUCCESS``, ``TIMEOUT``,
+        or ``FAILURE`` for an error of the server's making (``is_lost``; a request of ours
+        it rejected counts for nothing)."""
+        try:
+            yield
+        except TimeoutError:
+            self._record(peer, Event.TIMEOUT)
+            raise
+        except (P2PError, ShardError, ConnectionError) as e:
+            if is_lost(e):
+                self._record(peer, Event.FAILURE)
+            raise
+        self._record(peer, Event.SUCCESS)
+
+    def steering(self, snapshot: SwarmSnapshot, *, draw: bool = False) -> Steering:
+        """What routing over ``snapshot`` must leave out, should avoid and prefers now:
+        this chain's bans, and with a book its bans (peers banned after a failed check or
+        verified evidence are left out; peers banned for failures and timeouts alone are
+        avoided, so that a loaded server that alone serves some blocks still serves them),
+        its probation cap (``eligible``) and its ``routing_weights`` (the probation cap in
+        them only for a ``draw``)."""
+        banned = self.banned(soft=False)
+        avoid = self.banned() - banned
+        book = self.book
+        if book is None:
+            return Steering(banned, avoid)
+        peers = [peer for peer in self._servers if str(peer) in snapshot]
+        unreliable = set()
+        for peer in [p for p in peers if book.is_banned(p)]:
+            # caught computing wrong: never routed; only unreliable: a last resort
+            (banned if book.standing(peer).checks_failed else unreliable).add(str(peer))
+        allowed = set(book.eligible(peers))
+        avoid |= unreliable | {str(peer) for peer in peers if peer not in allowed} - banned
+        weights = {str(p): w for p, w in book.routing_weights(peers, cap_probation=draw).items()}
+        weights.update(dict.fromkeys(unreliable, LAST_RESORT_WEIGHT))
+        return Steering(banned, avoid, weights)
 
     async def _measure(self, peers: Sequence[PeerId]) -> None:
         """Round trips to the servers not measured yet (unreachable ones stay unmeasured)."""
@@ -162,11 +241,23 @@ class RemoteChain:
                     self._rtts[peer] = await self.host.ping(peer)
             except (P2PError, TimeoutError) as e:
                 _log.info("server %s did not answer a ping: %s", peer.short(), e)
+                return
+            if self.book is not None:
+                self.book.note_address(peer, self._observed_ip(peer))
 
         banned = self.banned(soft=False)
         await asyncio.gather(
             *(ping(p) for p in peers if p not in self._rtts and str(p) not in banned)
         )
+
+    def _observed_ip(self, peer: PeerId) -> str | None:
+        """The IP our connection to ``peer`` reaches (its IP group is what the book's
+        crowding penalty counts; an announced address could be anyone's)."""
+        for conn in self.host.connections(peer):
+            ip = conn.remote_addr.value_for("ip4") or conn.remote_addr.value_for("ip6")
+            if ip:
+                return ip
+        return None
 
     async def _snapshot(self, *, refresh: bool) -> SwarmSnapshot:
         """The online servers answering pings, as the scheduler sees them."""
@@ -178,26 +269,31 @@ class RemoteChain:
         return snapshot.where(lambda s: s.peer_id in measured)
 
     async def _routed(
-        self, plan: Callable[[SwarmSnapshot, set[str]], Route], wait_s: float
+        self,
+        plan: Callable[[SwarmSnapshot, Steering], Route],
+        wait_s: float,
+        *,
+        tokens: int,
+        draw: bool = False,
     ) -> list[Hop]:
-        """``plan``'s route over the current view and the banned peers (the soft bans
-        dropped when no route avoids them), waiting up to ``wait_s`` (the DHT read again
-        every ``route_poll_s``) while blocks are missing."""
+        """``plan``'s route over the current view, steered (``steering``: soft bans and
+        probation peers past their share used only where nothing else serves), waiting
+        up to ``wait_s`` (the DHT read again every ``route_poll_s``) while blocks are
+        missing. Each hop is noted in the book as ``tokens`` times its blocks of traffic."""
         deadline = self._clock() + wait_s
         refresh = False
         while True:
             snapshot = await self._snapshot(refresh=refresh)
             try:
-                return self._hops(plan(snapshot, self.banned()))
+                hops = self._hops(plan(snapshot, self.steering(snapshot, draw=draw)))
             except MissingBlocksError:
-                hard = self.banned(soft=False)
-                try:
-                    if len(hard) < len(self.banned()):
-                        return self._hops(plan(snapshot, hard))
-                except MissingBlocksError:
-                    pass
                 if self._clock() >= deadline:
                     raise
+            else:
+                if self.book is not None:
+                    for hop in hops:
+                        self.book.note_request(hop.peer_id, tokens * (hop.end - hop.start))
+                return hops
             if refresh:
                 await asyncio.sleep(self.limits.route_poll_s)
             refresh = True
@@ -211,25 +307,34 @@ class RemoteChain:
         every ``route_poll_s``) before giving up.
         """
 
-        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
+        def plan(snapshot: SwarmSnapshot, steer: Steering) -> Route:
             rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
             return route_min_latency(
                 snapshot,
                 rtts,
-                banned=banned,
+                banned=steer.banned,
                 min_cache_tokens=min_cache_tokens,
                 push=self.limits.push,
+                weights=steer.weights,
+                avoid=steer.avoid,
             )
 
-        return await self._routed(plan, self.limits.route_wait_s)
+        return await self._routed(plan, self.limits.route_wait_s, tokens=max(1, min_cache_tokens))
 
-    async def route_for_batch(self) -> list[Hop]:
-        """A chain drawn so that load follows throughput (batch forward and backward)."""
+    async def route_for_batch(self, *, tokens: int = 1) -> list[Hop]:
+        """A chain drawn so that load follows throughput (batch forward and backward) and
+        the book's weights; ``tokens`` (batch x length) is the traffic noted per block."""
 
-        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
-            return route_for_throughput(snapshot, self._rng, banned=banned)
+        def plan(snapshot: SwarmSnapshot, steer: Steering) -> Route:
+            return route_for_throughput(
+                snapshot,
+                self._rng,
+                banned=steer.banned,
+                weights=steer.weights,
+                avoid=steer.avoid,
+            )
 
-        return await self._routed(plan, self.limits.route_wait_s)
+        return await self._routed(plan, self.limits.route_wait_s, tokens=tokens, draw=True)
 
     async def replace(
         self,
@@ -248,24 +353,31 @@ class RemoteChain:
         passed with some of those blocks unserved."""
         route = Route(tuple(RouteHop(str(h.peer_id), h.start, h.end) for h in hops))
 
-        def plan(snapshot: SwarmSnapshot, banned: set[str]) -> Route:
+        def plan(snapshot: SwarmSnapshot, steer: Steering) -> Route:
             rtts = {str(peer): rtt for peer, rtt in self._rtts.items()}
             return replace_span(
                 snapshot,
                 route,
                 index,
-                banned,
+                steer.banned,
                 client_rtts=rtts,
                 num_tokens=num_tokens,
                 min_cache_tokens=min_cache_tokens,
                 push=self.limits.push,
+                weights=steer.weights,
+                avoid=steer.avoid,
             )
 
-        return await self._routed(plan, self.limits.failover_wait_s if wait_s is None else wait_s)
+        return await self._routed(
+            plan,
+            self.limits.failover_wait_s if wait_s is None else wait_s,
+            tokens=max(1, min_cache_tokens),
+        )
 
     async def spare(self, hops: Sequence[Hop], index: int, *, min_cache_tokens: int) -> bool:
         """Whether the current view of the swarm has servers for exactly the blocks of
-        ``hops[index]`` other than its own and any banned one (soft bans count here)."""
+        ``hops[index]`` other than its own and any banned one (soft bans and the book's
+        bans count here)."""
         route = Route(tuple(RouteHop(str(h.peer_id), h.start, h.end) for h in hops))
         snapshot = await self._snapshot(refresh=False)
         try:
@@ -273,7 +385,7 @@ class RemoteChain:
                 snapshot,
                 route,
                 index,
-                self.banned(),
+                self.steering(snapshot).banned | self.banned(),
                 min_cache_tokens=min_cache_tokens,
                 push=self.limits.push,
             )
@@ -315,21 +427,26 @@ class RemoteChain:
 
     async def forward_signed(
         self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, SignedAnswer | None]:
+    ) -> tuple[torch.Tensor, SignedAnswer]:
         """``forward_on``, with the server's signed answer (checked against the bytes sent
-        and received: ``ServerError`` when it does not hold; None from a server that signs
-        nothing)."""
+        and received: ``BadAnswer`` when it does not hold, ``UnsignedAnswer`` when the
+        server signs nothing; both are ``ServerError``)."""
         if self.is_banned(hop.peer_id):
             raise PeerBanned(f"{hop.peer_id} is banned by this client for now; use another")
         mask = wire_mask(attention_mask)
         tensors = [hidden.to(hop.dtype), *([] if mask is None else [mask])]
         deadline = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1])
         sizes, payload = pack_tensors(tensors, self.compression)
-        reply = await self._call(FORWARD_PROTOCOL, hop, sizes, payload, timeout=deadline)
-        output = output_of(reply, hop, self.limits)
-        answer = answer_of(
-            reply.value, hop, self.model_id, reply.payload, input_digest=digest(payload[: sizes[0]])
-        )
+        with self._judged(hop.peer_id):
+            reply = await self._call(FORWARD_PROTOCOL, hop, sizes, payload, timeout=deadline)
+            output = output_of(reply, hop, self.limits)
+            answer = answer_of(
+                reply.value,
+                hop,
+                self.model_id,
+                reply.payload,
+                input_digest=digest(payload),
+            )
         return output, answer
 
     async def _unary(
@@ -341,15 +458,17 @@ class RemoteChain:
         timeout: float | None = None,
     ) -> torch.Tensor:
         sizes, payload = pack_tensors(tensors, self.compression)
-        reply = await self._call(protocol, hop, sizes, payload, timeout=timeout)
-        output = output_of(reply, hop, self.limits)
-        if protocol == FORWARD_PROTOCOL:
+        with self._judged(hop.peer_id):
+            reply = await self._call(protocol, hop, sizes, payload, timeout=timeout)
+            output = output_of(reply, hop, self.limits)
+            backward = protocol == BACKWARD_PROTOCOL
             answer_of(
                 reply.value,
                 hop,
                 self.model_id,
                 reply.payload,
-                input_digest=digest(payload[: sizes[0]]),
+                session=BACKWARD_SESSION if backward else b"",
+                input_digest=digest(payload),
             )
         return output
 
@@ -397,7 +516,7 @@ class RemoteChain:
         extra = [] if mask is None else [mask]
         attempt = 0
         while True:
-            hops = await self.route_for_batch()
+            hops = await self.route_for_batch(tokens=hidden.shape[0] * hidden.shape[1])
             states = [hidden]
             state = hidden
             try:
@@ -411,7 +530,7 @@ class RemoteChain:
                     raise
                 attempt += 1
                 _log.info("forward through %s failed (%s); drawing another chain", failed, e)
-                self.ban(failed, soft=isinstance(e, TimeoutError))
+                self._ban(failed, soft=isinstance(e, TimeoutError))
                 continue
             return ChainTrace(tuple(hops), tuple(states), attention_mask)
 

@@ -3,7 +3,8 @@
     ShardError
     ├── FailoverFailed      a chain's server failed and no replacement for its blocks worked
     ├── CaughtCheating      a spot-check outvoted a server's step (why its hop failed over)
-    └── PeerBanned          a one-server call to a server this client banned
+    ├── PeerBanned          a one-server call to a server this client banned
+    └── RewindsExhausted    servers caught cheating sent one ``generate`` back too often
 
 When no server at all serves some blocks any more (for ``ClientLimits.failover_wait_s``),
 the client raises ``scheduler.MissingBlocksError`` instead, naming the blocks.
@@ -18,6 +19,7 @@ from ._errors import ShardError
 if TYPE_CHECKING:
     from security import PeerId
 
+    from ._client_session import Rewind
     from ._spotcheck import SpotCheck
 
 
@@ -60,3 +62,19 @@ class PeerBanned(ShardError):
     was slow, or cheated, within ``ClientLimits.ban_s``): nothing was sent; ask another."""
 
     code = "peer_banned"
+
+
+class RewindsExhausted(ShardError):
+    """Servers caught cheating sent one ``generate`` call back more than
+    ``ClientLimits.max_rewinds`` times (``__cause__``: the last rewind)."""
+
+    code = "rewinds_exhausted"
+
+    def __init__(self, limit: int, rewind: Rewind) -> None:
+        super().__init__(
+            f"generation rewound {limit} time(s) already and {rewind.check.checked.short()} "
+            f"was caught cheating again (position {rewind.position}): too many cheating "
+            "servers on this route; retry, or raise ClientLimits.max_rewinds"
+        )
+        self.limit = limit
+        self.rewind = rewind

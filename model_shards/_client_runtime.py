@@ -9,6 +9,9 @@ generated token, however many servers the chain has.
 The Host can reach servers behind NAT: a ``Relay`` (client side of circuit relaying:
 dialing ``/p2p-circuit`` addresses, not a relay for others) and, when it has a QUIC
 transport, a ``HolePuncher`` that upgrades a relayed connection to a direct one.
+
+Given the client's reputation book (``book=``), the DHT client ranks its routing table by
+it (``score``) and records in it how every DHT request to a peer ends (``on_outcome``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, TypeVar
 
 from dht import DHT, DhtLimits
 from p2p import HolePuncher, Host, HostLimits, Relay
-from security import KeyPair
+from security import KeyPair, ReputationBook
 from transport import Multiaddr, QuicTransport, TcpTransport, Transport
 
 from ._server_limits import ClientLimits
@@ -41,8 +44,11 @@ class SwarmClient:
         transports: Sequence[Transport] | None = None,
         host_limits: HostLimits | None = None,
         dht_limits: DhtLimits | None = None,
+        book: ReputationBook | None = None,
     ) -> None:
         self.limits = limits or ClientLimits()
+        self.book = book
+        """The client's reputation book, fed by the DHT client (None: none kept)."""
         self.identity = identity or KeyPair.generate()
         peers = [Multiaddr.from_string(p) if isinstance(p, str) else p for p in initial_peers]
         if not peers:
@@ -78,7 +84,15 @@ class SwarmClient:
         quic = next((t for t in transports if isinstance(t, QuicTransport)), None)
         host = Host(identity, transports, host_limits or HostLimits())
         await host.start([])
-        dht = DHT(host, dht_limits or DhtLimits(), server_mode=False, identity=identity)
+        book = self.book
+        dht = DHT(
+            host,
+            dht_limits or DhtLimits(),
+            server_mode=False,
+            identity=identity,
+            score=None if book is None else book.contact_score,
+            on_outcome=None if book is None else book.record_outcome,
+        )
         try:
             self.relay = Relay(host, identity)
             await self.relay.start()

@@ -23,8 +23,20 @@ more give ``MissingBlocksError`` after ``ClientLimits.failover_wait_s``.
 
 Signed answers (``_evidence_wire``): every ``out`` is checked on receipt (its server's
 signature over the bytes received); a bad one, or none from a server that signed before,
-fails the hop over. A hop caught cheating on its first step is accused: evidence with the
-checkers' signed forwards is published to the DHT (best effort, ``ChainSession.evidence``).
+fails the hop over. A hop caught cheating is accused: evidence with its signed answer to
+the checked step and the checkers' signed forwards is published to the DHT (best effort,
+``ChainSession.evidence``).
+
+Spot-checks (``SpotChecker``): a check that must block (paranoid, a server on probation,
+``SpotCheckSettings.background`` off) is awaited before the step's output is used: a
+cheater's output is replaced by the majority's, or, when it had corrupted earlier held
+positions, the chain is rewound (``Rewind``). Any other runs in the background, on a copy
+of the step (``_Taken``), while the chain goes on; ``step`` acts on those finished when it
+starts, and ``settle`` waits for all and acts on them (``generate`` settles before it
+returns): a cheater caught is banned, its other checks dropped, the chain rewound to the
+first position it had answered wrongly, up to the end of the checked step, and the cheater
+failed over if it still serves the chain. Rollbacks and rewinds narrow the positions a
+running check may judge; ``close`` cancels the checks still running.
 
 A step's deadline at one hop adapts to its size: ``step_timeout_base_s`` plus
 ``step_timeout_factor`` times ``batch x tokens x blocks / throughput`` (the server's
@@ -44,6 +56,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -54,10 +67,20 @@ from security import Evidence, PeerId, digest
 from ._client_chain import Hop, RemoteChain, is_lost, output_of, wire_mask
 from ._client_errors import CaughtCheating, FailoverFailed
 from ._errors import ShardError, TooLong
-from ._evidence_wire import KEPT_ANSWERS, Exchange, accuse, answer_of, host_identity, publish
+from ._evidence_wire import (
+    KEPT_ANSWERS,
+    Exchange,
+    accuse,
+    answer_of,
+    desk_of,
+    encode_steps,
+    host_identity,
+    publish,
+)
 from ._server_errors import ServerError, remote_error
 from ._server_protocol import INFERENCE_PROTOCOL, pack_tensors
-from ._spotcheck import SpotCheck, SpotChecker, Verdict
+from ._spotcheck import SpotCheck, SpotChecker, Verdict, precision_of
+from ._tolerance import token_discrepancy, tolerance_for
 
 _log = logging.getLogger("model_shards.client")
 
@@ -90,6 +113,59 @@ class _Lost(Exception):
         self.error = error
 
 
+class Rewind(Exception):
+    """A signal, not an error: a hop caught cheating (at this step, or at an earlier one by
+    a background check) had corrupted a position, ``position``, whose state the chain had
+    used already. The chain was rolled back to it (it holds the first ``position`` tokens)
+    with the cheater banned and failed over; every token drawn from ``position`` on came
+    from corrupted states and must be drawn again (``DistributedModelForCausalLM.generate``
+    does)."""
+
+    def __init__(self, position: int, check: SpotCheck) -> None:
+        super().__init__(
+            f"{check.checked.short()} was caught cheating and had corrupted position "
+            f"{position} already: the chain rolled back to it"
+        )
+        self.position = position
+        self.check = check
+
+
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """A hop's step as a spot-check of it needs it, taken when the hop answered (a
+    background check runs while the chain goes on): what the check replays and compares,
+    and the signed answers that make evidence."""
+
+    hop: HopSession
+    step: int
+    held: int
+    """Positions the chain held before the step."""
+    end: int
+    """Positions after it: the step covers ``held`` to ``end``."""
+    history: tuple[torch.Tensor, ...]
+    """The hop's inputs: the held positions' (when any), then the step's."""
+    output: torch.Tensor
+    mask: torch.Tensor
+    """Which of the ``end`` positions are tokens (not padding), ``[batch, end]``."""
+    lengths: tuple[int, ...] | None
+    """The positions of each step the hop's server keeps (``HopSession.step_lengths``)."""
+    exchange: Exchange | None
+    """The hop's signed answer to the step."""
+    pushed: bytes | None
+    """The previous hop's output of the step (the hop's input, when that hop pushed it)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A spot-check running in the background."""
+
+    taken: _Taken
+    task: asyncio.Task[SpotCheck]
+    valid: int
+    """The positions still held as they were when the step ran (rollbacks and rewinds
+    lower it): the verdict's majority output is compared with those only."""
+
+
 class HopSession:
     """One server's inference session: a streaming call kept open for the whole generation."""
 
@@ -111,10 +187,10 @@ class HopSession:
         self._call = call
         self.exchanges: deque[Exchange] = deque(maxlen=KEPT_ANSWERS)
         """The server's latest signed answers, with the bytes they sign."""
-        self.signs = False
-        """Whether the server signed an answer: from then on every answer must be signed."""
+        self._ends: list[int] = []
+        """The position after each step the server keeps (its history), oldest first."""
         self._sent: tuple[int, bytes] | None = None
-        """The last step sent and its hidden states' bytes."""
+        """The last step sent and its bytes (hidden states [, mask]: what the answer signs)."""
 
     def __repr__(self) -> str:
         return f"<HopSession {self.hop}>"
@@ -189,7 +265,7 @@ class HopSession:
         if mask is not None:
             tensors.append(mask)
         sizes, payload = pack_tensors(tensors, self.chain.compression)
-        self._sent = (step, payload[: sizes[0]])
+        self._sent = (step, payload)
         request = {
             "op": "step",
             "step": step,
@@ -225,18 +301,13 @@ class HopSession:
 
     def _verify(self, reply: RpcReply, step: object) -> None:
         """Check the signed answer of ``reply`` (``answer_of``) and keep it, with the input
-        bytes it signs when the client sent them; ``ServerError`` (a failover) when it does
-        not hold, or is missing from a server that signed."""
+        bytes it signs when the client sent them, and the step's end; ``ServerError`` (a
+        failover) when it does not hold or is missing."""
         answer = answer_of(
             reply.value, self.hop, self.chain.model_id, reply.payload, session=self.session_id
         )
-        if answer is None:
-            if self.signs:
-                raise ServerError(
-                    f"{self.hop.peer_id} stopped signing its answers", remote_code="bad_answer"
-                )
-            return
-        self.signs = True
+        if not self._ends or self.position > self._ends[-1]:
+            self._ends.append(self.position)
         sent = self._sent[1] if self._sent is not None and self._sent[0] == step else None
         if sent is not None and digest(sent) != answer.input_digest:
             sent = None  # a step the server had run already, on a pushed input: its answer
@@ -256,8 +327,19 @@ class HopSession:
                     raise remote_error(value, self.hop.peer_id)
                 return value
 
+    def step_lengths(self) -> tuple[int, ...] | None:
+        """The positions of each step the server keeps, the last being its latest answer's
+        (a checker replays them: ``_evidence_wire.forward_steps``); None when they do not
+        match that answer's step index."""
+        ends = self._ends
+        if not self.exchanges or self.exchanges[-1].answer.step != len(ends) - 1:
+            return None
+        return tuple(b - a for a, b in pairwise([0, *ends]))
+
     async def rollback(self, position: int) -> None:
         await self._request({"op": "rollback", "position": position})
+        while self._ends and self._ends[-1] > position:
+            self._ends.pop()
         self.position = position
 
     async def link(self, prev: PeerId | None, next_hop: dict[str, Any] | None) -> None:
@@ -360,7 +442,13 @@ class ChainSession:
         self._steps = 0
         self._inputs: dict[int, torch.Tensor] = {}
         """Per block boundary: the hidden states that entered it, for the held tokens."""
+        self._outputs: torch.Tensor | None = None
+        """The last hop's outputs for the held tokens (what a rewind compares them with)."""
+        self.rewinds: list[int] = []
+        """Every position the chain was rewound to (``Rewind``), in order."""
         self._mask = torch.ones(batch_size, max_length, dtype=torch.bool)
+        self._pending: list[_Pending] = []
+        """Spot-checks running in the background, oldest first (``SpotChecker.blocks``)."""
 
     @classmethod
     async def open(
@@ -400,7 +488,11 @@ class ChainSession:
     async def step(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run new tokens' hidden states through every hop; the last hop's output."""
+        """Run new tokens' hidden states through every hop; the last hop's output.
+
+        First acts on the background spot-checks that finished (``Rewind`` when one caught
+        a cheater)."""
+        await self._collect()
         batch, tokens = hidden.shape[:2]
         if self.position + tokens > self.max_length:
             raise TooLong(
@@ -412,7 +504,7 @@ class ChainSession:
         step = self._steps
         inputs = {self.hops[0].hop.start: hidden}
         done: list[HopSession] = []
-        cheaters: list[HopSession] = []
+        cheaters: dict[HopSession, SpotCheck] = {}
         send = True
         index = 0
         while index < len(self.hops):
@@ -449,12 +541,17 @@ class ChainSession:
             send = not pushed
             index += 1
             if self.checker is not None and hop not in cheaters:
-                corrected = await self._check(hop, step, inputs, output, attention_mask)
-                if corrected is not None:
-                    inputs[hop.hop.end] = corrected.to(hidden.dtype)
-                    cheaters.append(hop)
+                caught = await self._check(hop, step, inputs, output, attention_mask)
+                if caught is not None:
+                    cheaters[hop] = caught
                     if pushed:
                         await self._undo_pushed(index, step)
+                    wrong = await self._first_wrong(hop.hop, caught, self.position)
+                    if wrong is not None:
+                        await self._rewind(wrong, cheaters)
+                        raise Rewind(wrong, caught)
+                    assert caught.replacement is not None  # a CHEATER verdict carries it
+                    inputs[hop.hop.end] = caught.replacement.to(hidden.dtype)
                     # later hops run the corrected output as a new step: a server answers a
                     # step id it already ran from its log, even after a rollback
                     self._steps += 1
@@ -462,9 +559,9 @@ class ChainSession:
                     send = True
         self._keep(inputs, attention_mask, tokens)
         self.position += tokens
-        for cheater in cheaters:
+        for cheater, check in cheaters.items():
             await self._failover(
-                self.hops.index(cheater), CaughtCheating(cheater.hop.peer_id, self.caught[-1])
+                self.hops.index(cheater), CaughtCheating(cheater.hop.peer_id, check)
             )
         return inputs[self.hops[-1].hop.end].clone()
 
@@ -475,44 +572,270 @@ class ChainSession:
         inputs: dict[int, torch.Tensor],
         output: torch.Tensor,
         attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor | None:
-        """Spot-check (maybe) ``hop``'s answer to this step; the majority's output in its
-        place when the hop was caught cheating (it is banned), else None."""
-        assert self.checker is not None
+    ) -> SpotCheck | None:
+        """Spot-check (maybe) ``hop``'s answer to this step; the check when the hop was
+        caught cheating (it is banned, and the check carries the majority's output), else
+        None. A check that need not block (``SpotChecker.blocks``) runs in the background
+        on a copy of what it needs (``_collect`` acts on it) and gives None."""
+        checker = self.checker
+        assert checker is not None
+        peer = hop.hop.peer_id
+        if not checker.draw(peer):
+            return None
+        blocks = checker.blocks(peer)
+        taken = self._take(hop, step, inputs, output, attention_mask, copy=not blocks)
+        if not blocks:
+            task = asyncio.create_task(self._run_check(taken))
+            self._pending.append(_Pending(taken, task, taken.end))
+            return None
+        result = await self._run_check(taken)
+        if result.verdict is not Verdict.CHEATER:
+            return None
+        await self._convict(taken, result)
+        return result
+
+    def _take(
+        self,
+        hop: HopSession,
+        step: int,
+        inputs: dict[int, torch.Tensor],
+        output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        copy: bool,
+    ) -> _Taken:
+        """``hop``'s answer to this step as a check needs it (``copy``: tensors that the
+        chain may overwrite later are cloned)."""
         held = self.position
         new = inputs[hop.hop.start]
-        history = [new] if held == 0 else [self._inputs[hop.hop.start][:, :held], new]
+        history = (new,) if held == 0 else (self._inputs[hop.hop.start][:, :held], new)
         step_mask = (
             torch.ones(new.shape[:2], dtype=torch.bool)
             if attention_mask is None
             else attention_mask.detach().cpu() != 0
         )
-        mask = torch.cat([self._mask[:, :held], step_mask], dim=1)
-        result = await self.checker.after_step(
-            hop.hop, history, output, mask=None if bool(mask.all()) else mask
-        )
-        if result is None or result.verdict is not Verdict.CHEATER:
-            return None
-        assert result.replacement is not None  # a CHEATER verdict carries the majority's
-        _log.warning("hop %s caught cheating at step %d: %s", hop.hop, step, result.reason)
-        self.caught.append(result)
-        self.chain.ban(hop.hop.peer_id)
-        await self._accuse(hop, result)
-        return result.replacement
-
-    async def _accuse(self, hop: HopSession, result: SpotCheck) -> None:
-        """Publish evidence against ``hop``'s server when its last signed answer and the
-        majority's signed forwards make it (``accuse``); best effort, bounded in time."""
-        if not hop.exchanges:
-            return
+        if copy:
+            history, output = tuple(h.clone() for h in history), output.clone()
         index = self.hops.index(hop)
         before = self.hops[index - 1] if index > 0 else None
-        previous = before.exchanges[-1] if before is not None and before.exchanges else None
+        return _Taken(
+            hop,
+            step,
+            held,
+            held + new.shape[1],
+            history,
+            output,
+            torch.cat([self._mask[:, :held], step_mask], dim=1),
+            hop.step_lengths(),
+            hop.exchanges[-1] if hop.exchanges else None,
+            before.exchanges[-1].output if before is not None and before.exchanges else None,
+        )
+
+    async def _run_check(self, taken: _Taken) -> SpotCheck:
+        assert self.checker is not None
+        mask = taken.mask
+        return await self.checker.check(
+            taken.hop.hop,
+            taken.history,
+            taken.output,
+            mask=None if bool(mask.all()) else mask,
+            steps=taken.lengths,
+        )
+
+    async def _convict(self, taken: _Taken, result: SpotCheck) -> None:
+        """``taken``'s hop was caught cheating: note it, ban its server, drop its other
+        checks still running (the majority's output covers their steps), publish
+        evidence."""
+        assert result.replacement is not None  # a CHEATER verdict carries the majority's
+        hop = taken.hop
+        peer = hop.hop.peer_id
+        _log.warning("hop %s caught cheating at step %d: %s", hop.hop, taken.step, result.reason)
+        self.caught.append(result)
+        self.chain.ban(peer)
+        dropped = [p for p in self._pending if p.taken.hop.hop.peer_id == peer]
+        self._pending = [p for p in self._pending if p not in dropped]
+        for pending in dropped:
+            pending.task.cancel()
+        await asyncio.gather(*(p.task for p in dropped), return_exceptions=True)
+        await self._accuse(hop, result, taken)
+
+    async def _collect(self) -> None:
+        """Act on the background checks that finished. A hop caught cheating is convicted
+        (``_convict``) and its other checks dropped; the chain is rewound (``Rewind``) to
+        the first held position where it had answered otherwise than the majority (up to
+        the end of the checked step), or, when none differs, to the start of the checked
+        step, and the cheater failed over if it still serves the chain. A check that
+        failed to run is only logged."""
+        done = [p for p in self._pending if p.task.done()]
+        if not done:
+            return
+        self._pending = [p for p in self._pending if not p.task.done()]
+        convicted: dict[PeerId, tuple[_Pending, SpotCheck]] = {}
+        for pending in done:
+            error = None if pending.task.cancelled() else pending.task.exception()
+            if pending.task.cancelled() or error is not None:
+                if error is not None and not isinstance(error, _FAILURES):
+                    raise error
+                _log.info("background spot-check of %s failed: %s", pending.taken.hop, error)
+                continue
+            result = pending.task.result()
+            if result.verdict is Verdict.CHEATER:
+                convicted.setdefault(result.checked, (pending, result))
+        if not convicted:
+            return
+        target, first = self.position, None
+        cheaters: dict[HopSession, SpotCheck] = {}
+        for pending, result in convicted.values():
+            taken = pending.taken
+            await self._convict(taken, result)
+            upto = min(pending.valid, self.position)
+            wrong = await self._first_wrong(taken.hop.hop, result, upto)
+            position = min(taken.held, upto) if wrong is None else wrong
+            if position < target:
+                target, first = position, result
+            if taken.hop in self.hops:
+                cheaters[taken.hop] = result
+        if first is None:
+            for cheater, check in cheaters.items():
+                await self._failover(
+                    self.hops.index(cheater), CaughtCheating(cheater.hop.peer_id, check)
+                )
+            return
+        await self._rewind(target, cheaters)
+        raise Rewind(target, first)
+
+    async def settle(self) -> None:
+        """Wait for the background spot-checks still running and act on them (as ``step``
+        does on those finished when it starts): ``Rewind`` when one caught a cheater."""
+        if self._pending:
+            await asyncio.wait([p.task for p in self._pending])
+        await self._collect()
+
+    def _forget(self, position: int) -> None:
+        """The chain goes back to ``position``: the running checks' steps no longer hold
+        after it."""
+        for pending in self._pending:
+            pending.valid = min(pending.valid, position)
+
+    async def _first_wrong(self, hop: Hop, check: SpotCheck, upto: int) -> int | None:
+        """The first of the held positions before ``upto`` (at most the end of the checked
+        step) where ``hop`` had answered otherwise than the majority of ``check`` (within
+        the tolerance of the check: the checked server's precision against the first
+        majority server's), or None when every one agrees. A precision or an input no
+        longer known gives position 0 (nothing can be trusted)."""
+        if upto == 0 or check.corrected is None:
+            return None
+        boundary = hop.end
+        last = self.hops[-1].hop.end
+        answered = self._outputs if boundary == last else self._inputs.get(boundary)
+        inputs = self._inputs.get(hop.start)
+        servers = await self.chain.servers()
+        records = [servers.get(p) for p in (check.checked, check.majority[0])]
+        checked, reference = [None if r is None else precision_of(r) for r in records]
+        tolerance = (
+            None if checked is None or reference is None else tolerance_for(checked, reference)
+        )
+        if (
+            answered is None
+            or inputs is None
+            or checked is None
+            or reference is None
+            or tolerance is None
+        ):
+            return 0
+        rms, peak = token_discrepancy(
+            inputs[:, :upto],
+            check.corrected[:, :upto],
+            answered[:, :upto],
+            rounding=checked.unit_roundoff + reference.unit_roundoff,
+        )
+        wrong = ((rms > tolerance.rms) | (peak > tolerance.peak)) & self._mask[:, :upto]
+        positions = wrong.any(dim=0).nonzero()
+        return None if positions.numel() == 0 else int(positions[0])
+
+    async def _rewind(self, position: int, cheaters: dict[HopSession, SpotCheck]) -> None:
+        """Roll the whole chain back to ``position`` (a ``Rewind``): every hop but the
+        ``cheaters`` forgets the later tokens, then each cheater is failed over, its
+        replacement given the first ``position`` kept inputs only."""
+        self._forget(position)
+        self.position = position
+        self.rewinds.append(position)
+        _log.warning("rewinding the chain to position %d", position)
+        staying = [i for i, h in enumerate(self.hops) if h not in cheaters]
+        results = await asyncio.gather(
+            *(self.hops[i].rollback(position) for i in staying), return_exceptions=True
+        )
+        # from the last hop back, so that a hop replaced by several keeps earlier indices
+        for index, result in reversed(list(zip(staying, results, strict=True))):
+            if isinstance(result, BaseException):
+                if not isinstance(result, _FAILURES) or not is_lost(result):
+                    raise result
+                await self._failover(index, result)
+        for cheater, check in cheaters.items():
+            await self._failover(
+                self.hops.index(cheater), CaughtCheating(cheater.hop.peer_id, check)
+            )
+
+    async def _accuse(
+        self, hop: HopSession, result: SpotCheck, taken: _Taken | None = None
+    ) -> None:
+        """Publish evidence against ``hop``'s server when its signed answer to the checked
+        step (``taken``'s; None: its last), the inputs of its session's steps and the
+        majority's signed answers make it (``accuse``); best effort, bounded in time.
+        Material too large for the record is served from here."""
+        if taken is None:
+            index = self.hops.index(hop)
+            before = self.hops[index - 1] if index > 0 else None
+            lengths = hop.step_lengths()
+            accused = hop.exchanges[-1] if hop.exchanges else None
+            pushed = (
+                before.exchanges[-1].output if before is not None and before.exchanges else None
+            )
+            kept = self._inputs.get(hop.hop.start)
+            held_before, mask = self.position, self._mask
+        else:
+            lengths, accused, pushed = taken.lengths, taken.exchange, taken.pushed
+            kept = taken.history[0] if taken.held else None
+            held_before, mask = taken.held, taken.mask
+        if lengths is None or accused is None:
+            _log.info("no evidence against %s: its answer to the step is not at hand", hop.hop)
+            return
+        data = accused.input
+        if data is None and pushed is not None and digest(pushed) == accused.answer.input_digest:
+            data = pushed  # the previous server pushed its output
+        held = sum(lengths[:-1])
+        if data is None or held > held_before or (held and kept is None):
+            _log.info("no evidence against %s: its inputs are not at hand", hop.hop)
+            return
+        earlier = (
+            []
+            if kept is None
+            else encode_steps(
+                kept[:, :held],
+                lengths[:-1],
+                hop.hop.dtype,
+                self.chain.compression,
+                mask=mask[:, :held],
+            )
+        )
+        inputs = [*earlier, data]
+        host = self.chain.host
         witnesses = [a for a in result.signed if a.signer in result.majority]
         evidence = accuse(
-            host_identity(self.chain.host), hop.exchanges[-1], witnesses, previous=previous
+            host_identity(host),
+            accused,
+            witnesses,
+            inputs=inputs,
+            addrs=[str(a) for a in host.addrs],
         )
-        if evidence is not None and await publish(self.chain.dht, evidence):
+        if evidence is None:
+            return
+        if not evidence.inline:
+            if not evidence.addrs:
+                _log.info("no evidence against %s: too large, and nobody can dial us", hop.hop)
+                return
+            desk_of(host).hold(evidence, inputs, accused.output)
+        if await publish(self.chain.dht, evidence):
             self.evidence.append(evidence)
 
     async def _undo_pushed(self, index: int, step: int) -> None:
@@ -575,7 +898,8 @@ class ChainSession:
     def _keep(
         self, inputs: dict[int, torch.Tensor], attention_mask: torch.Tensor | None, tokens: int
     ) -> None:
-        """Remember this step's inputs of every hop, for replays."""
+        """Remember this step's inputs of every hop, for replays, and the last hop's
+        outputs, for rewinds."""
         span = slice(self.position, self.position + tokens)
         for hop in self.hops:
             state = inputs[hop.hop.start]
@@ -584,6 +908,10 @@ class ChainSession:
                 kept = state.new_empty(self.batch_size, self.max_length, *state.shape[2:])
                 self._inputs[hop.hop.start] = kept
             kept[:, span] = state
+        output = inputs[self.hops[-1].hop.end]
+        if self._outputs is None:
+            self._outputs = output.new_empty(self.batch_size, self.max_length, *output.shape[2:])
+        self._outputs[:, span] = output
         if attention_mask is None:
             self._mask[:, span] = True
         else:
@@ -701,6 +1029,7 @@ class ChainSession:
         fails meanwhile is replaced, holding the first ``position`` tokens)."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot roll back to {position}: the session holds {self.position}")
+        self._forget(position)
         self.position = position
         results = await asyncio.gather(
             *(h.rollback(position) for h in self.hops), return_exceptions=True
@@ -714,6 +1043,11 @@ class ChainSession:
                 await self._failover(index, result)
 
     async def close(self) -> None:
+        """End every hop's session; background checks still running are cancelled."""
+        pending, self._pending = self._pending, []
+        for check in pending:
+            check.task.cancel()
+        await asyncio.gather(*(p.task for p in pending), return_exceptions=True)
         await asyncio.gather(*(h.close() for h in self.hops), return_exceptions=True)
 
 

@@ -5,6 +5,11 @@ are the times between consecutive tokens (the first one measured from the prompt
 includes the prefill) and ``stall_s`` the longest of them after the first: how long a
 failover held the generation up, for instance. ``on_token(n)`` is called after the
 ``n``-th new token (from 1), in the generating thread: a test kills a server there.
+
+After a rewind (``DistributedModelForCausalLM.generate``: a cheater caught late),
+``rewound(length)`` forgets the tokens past the first ``length`` of the sequence, with
+their times: ``tokens`` are always the final ones, and the gap before the first token
+drawn again holds the rewind's cost. ``rewinds`` lists each rewind's ``length``.
 """
 
 from __future__ import annotations
@@ -32,11 +37,16 @@ class TokenClock:
         self.times: list[float] = []
         """When each new token arrived."""
         self.tokens: list[int] = []
+        self.prompt = 0
+        """Tokens of the prompt (the first ``put``)."""
+        self.rewinds: list[int] = []
+        """The sequence length kept at each rewind, in order."""
 
     def put(self, value: torch.Tensor) -> None:
         now = self._clock()
         if self.started is None:
             self.started = now
+            self.prompt = value.shape[-1]
             return
         self.times.append(now)
         self.tokens.extend(int(t) for t in value.reshape(-1))
@@ -45,6 +55,13 @@ class TokenClock:
 
     def end(self) -> None:
         """Generation is over (nothing to flush)."""
+
+    def rewound(self, length: int) -> None:
+        """The generation went back to its first ``length`` tokens: later ones are dropped."""
+        kept = max(0, length - self.prompt)
+        del self.tokens[kept:]
+        del self.times[kept:]
+        self.rewinds.append(length)
 
     @property
     def gaps_s(self) -> list[float]:

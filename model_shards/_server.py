@@ -18,7 +18,7 @@ sparing two thread hand-offs per token. A bad request is answered with its typed
 error (``_server_errors``) and touches nothing else: the session that sent a bad step
 lives on, and other sessions never notice.
 
-Every step's ``out`` and every forward reply carry ``answer``: the server's
+Every step's ``out`` and every forward and backward reply carry ``answer``: the server's
 ``security.SignedAnswer`` over what it received and sent (``_evidence_wire``), signed with
 the Host's identity; a wrong answer so signed is evidence against this server.
 """
@@ -43,6 +43,7 @@ from ._announce import ServerRecord
 from ._cache import CachePool
 from ._dtypes import dtype_name
 from ._errors import BadRequest, ShardError
+from ._evidence_wire import BACKWARD_SESSION
 from ._manifest import Manifest
 from ._server_errors import (
     BlockNotServed,
@@ -62,6 +63,7 @@ from ._server_protocol import (
     compression_of,
     pack_tensors,
     require,
+    steps_of,
     unpack_tensors,
 )
 from ._server_push import (
@@ -275,12 +277,14 @@ class ShardServer:
             request = _as_request(request)
             span = self._span_for(request)
             compression = compression_of(request)
+            steps = steps_of(request, span.limits)
+            if steps is not None:
+                return await self._forward_steps(span, request, payload, steps, compression)
             tensors = unpack_tensors(
                 request.get("tensors"), payload, self.limits.wire, count=range(1, 3)
             )
             hidden = tensors[0]
             mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
-            sent = request["tensors"][0]
 
             def run() -> tuple[list[int], bytes]:
                 return pack_tensors([span.forward(hidden, attention_mask=mask)], compression)
@@ -288,9 +292,71 @@ class ShardServer:
             sizes, data = await self._compute(run)
         except ShardError as e:
             raise RpcError(e.code, str(e)) from None
-        received = digest(payload[:sent] if payload is not None else b"")
-        answer = self._sign(b"", 0, EMPTY_HISTORY, received, data, span)
+        answer = self._sign(b"", 0, EMPTY_HISTORY, digest(payload or b""), data, span)
         return RpcReply({"tensors": sizes, "answer": answer.to_wire()}, data)
+
+    async def _forward_steps(
+        self,
+        span: Span,
+        request: dict[str, Any],
+        payload: memoryview | None,
+        steps: int,
+        compression: Compression,
+    ) -> RpcReply:
+        """A forward replaying ``steps`` session steps (``_server_protocol``): the answer
+        signs the question the session's last step answered (its index, the history of
+        the earlier inputs, its input) and the last step's output bytes."""
+        sizes = request.get("tensors")
+        tensors = unpack_tensors(
+            sizes, payload, self.limits.wire, count=range(steps, 2 * steps + 1)
+        )
+        groups: list[list[int]] = []
+        for index, tensor in enumerate(tensors):
+            if tensor.is_floating_point() and tensor.ndim == 3:
+                groups.append([index])
+            elif groups and len(groups[-1]) == 1 and not tensor.is_floating_point():
+                groups[-1].append(index)
+            else:
+                raise BadRequest(
+                    f"tensor {index} ({tensor.dtype} {list(tensor.shape)}) is neither a "
+                    "step's hidden states nor the mask right after them"
+                )
+        first = tensors[0]
+        if len(groups) != steps or any(
+            tensors[g[0]].shape[::2] != first.shape[::2] for g in groups
+        ):
+            raise BadRequest(
+                f"{len(groups)} steps of hidden states sent, 'steps' says {steps}; each "
+                "must be float [batch, tokens, hidden] of one batch and width"
+            )
+        hidden = torch.cat([tensors[g[0]].to(span.dtype) for g in groups], dim=1)
+        masks = [
+            as_mask(tensors[g[1]], tensors[g[0]])
+            if len(g) == 2
+            else torch.ones(tensors[g[0]].shape[:2], dtype=torch.bool)
+            for g in groups
+        ]
+        mask = torch.cat(masks, dim=1) if any(len(g) == 2 for g in groups) else None
+        lengths = [tensors[g[0]].shape[1] for g in groups]
+        view = memoryview(b"") if payload is None else payload.cast("B")
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        digests = [digest(view[offsets[g[0]] : offsets[g[-1] + 1]]) for g in groups]
+        history = EMPTY_HISTORY
+        for earlier in digests[:-1]:
+            history = chain_history(history, earlier)
+
+        def run() -> tuple[list[int], bytes]:
+            output = span.forward_steps(self.pool, hidden, lengths, attention_mask=mask)
+            last = lengths[-1]
+            parts = [output[:, :-last], output[:, -last:]] if len(lengths) > 1 else [output]
+            return pack_tensors(parts, compression)
+
+        out_sizes, data = await self._compute(run)
+        signed = memoryview(data)[len(data) - out_sizes[-1] :]
+        answer = self._sign(b"", steps - 1, history, digests[-1], signed, span)
+        return RpcReply({"tensors": out_sizes, "answer": answer.to_wire()}, data)
 
     async def _serve_backward(
         self, ctx: RpcContext, request: Any, payload: memoryview | None
@@ -312,7 +378,8 @@ class ShardServer:
             sizes, data = await self._compute(run)
         except ShardError as e:
             raise RpcError(e.code, str(e)) from None
-        return RpcReply({"tensors": sizes}, data)
+        answer = self._sign(BACKWARD_SESSION, 0, EMPTY_HISTORY, digest(payload or b""), data, span)
+        return RpcReply({"tensors": sizes, "answer": answer.to_wire()}, data)
 
     # -- inference sessions ----------------------------------------------------------------
 
@@ -462,7 +529,7 @@ class ShardServer:
                 hidden = tensors[0]
                 mask = as_mask(tensors[1], hidden) if len(tensors) == 2 else None
                 push = push_flag_of(request)
-                received = digest(message.payload[: request["tensors"][0]])
+                received = digest(message.payload or b"")
                 return await self._step(hop, step, push, hidden, mask, compression, received)
             if op == "rollback":
                 position = require(request, "position", int)
@@ -578,7 +645,10 @@ class ShardServer:
         at the next hop covers the step it lost.
         """
         timeout = self.limits.push_timeout_s
-        if not hop.next_confirmed or not self.host.connections(target.peer):
+        if not self.host.connections(target.peer) and not await self._connected(hop, target):
+            hop.next_confirmed = False
+            return False
+        if not hop.next_confirmed:
             hop.next_confirmed = await push_step(self.host, target, request, data, timeout=timeout)
             return hop.next_confirmed
 
@@ -593,6 +663,21 @@ class ShardServer:
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
         return True
+
+    async def _connected(self, hop: _HopSession, target: NextHop) -> bool:
+        """Whether a connection to the next server is up for this step's push. The dial
+        started at ``link`` is waited for; a connection lost since (the next server crashed,
+        or the link dropped) is dialled again in the background while this step goes back
+        through the client, so that a dead next server costs no dial timeout on the token's
+        path."""
+        warming = hop.warming
+        if warming is None or warming.done():
+            hop.warming = asyncio.get_running_loop().create_task(
+                warm_connection(self.host, target, self.limits.push_timeout_s)
+            )
+            return False
+        await asyncio.wait([warming])
+        return bool(self.host.connections(target.peer))
 
     async def _serve_push(
         self, ctx: RpcContext, request: Any, payload: memoryview | None
@@ -631,7 +716,7 @@ class ShardServer:
             dtype = hop.session.span.dtype
             if hidden.is_floating_point() and hidden.dtype != dtype:
                 hidden = hidden.to(dtype)
-            received = digest(owned[: request["tensors"][0]] if owned is not None else b"")
+            received = digest(owned or b"")
             item = PushedStep(step, push_flag_of(request), hidden, mask, compression, received)
         except ShardError as e:
             # only a server the client named as this session's prev may make it relay a step

@@ -94,10 +94,16 @@ class ClientLimits:
     push_allowance_s: float = 1.0
     """Added to the deadline of a hop asked to push: a server answers once its push was
     taken or gave up (``ServerLimits.push_timeout_s``)."""
+    max_rewinds: int = 8
+    """Rewinds one ``generate`` call may take: a server caught cheating at a step whose
+    earlier positions it had corrupted unchecked sends the generation back to the first of
+    them (each rewind bans one server); one more raises ``RewindsExhausted``."""
 
     def __post_init__(self) -> None:
         if self.max_failovers < 0:
             raise ValueError(f"ClientLimits.max_failovers={self.max_failovers} must be >= 0")
+        if self.max_rewinds < 0:
+            raise ValueError(f"ClientLimits.max_rewinds={self.max_rewinds} must be >= 0")
         if self.step_timeout_base_s <= 0 or self.step_timeout_factor < 1:
             raise ValueError(
                 f"ClientLimits.step_timeout_base_s={self.step_timeout_base_s} must be positive "

@@ -39,7 +39,21 @@ session's stream, and the client relays the step. A server that leaves sends
 
 ``FORWARD`` / ``BACKWARD`` (unary): ``{"model", "start", "end", "tensors", "compression"}``
 with hidden [, mask] (forward) or hidden, grad_output [, mask] (backward) as the payload;
-the answer carries one tensor (the output, or the gradient of the input).
+the answer carries one tensor (the output, or the gradient of the input) and ``answer``,
+the server's signed answer (a forward signs session ``b""``, step 0, the empty history;
+a backward signs session ``b"backward"``).
+
+A forward may replay a session's steps (what a spot-check or a recheck asks, so that the
+checker answers the very question a session's step answered): with ``"steps": n`` the
+payload holds the n steps, each as its session received it: its hidden states (any float
+dtype; converted to the span's after hashing), then its mask when it had one. The server
+runs every position before the last step in one pass filling a temporary cache, then the
+last step on it (``Span.forward_steps``), and answers ``tensors: [before, last]``
+(``[last]`` for one step); ``answer`` signs step n - 1, the history chained over the
+first n - 1 steps' digests, the last step's digest and the ``last`` tensor's bytes.
+
+An answer's input digest is the sha256 of all the request's tensor bytes (hidden states
+[, grad_output] [, mask]), a pushed step's of the pushed ones.
 
 A payload is the wire forms of its tensors (``_wire``) one after the other; ``tensors``
 lists their byte lengths. An error answer is ``{"error": code, "message": ...}``
@@ -55,7 +69,7 @@ from typing import Any
 import torch
 
 from ._errors import BadRequest, InvalidShape, MalformedTensor
-from ._limits import WireLimits
+from ._limits import RequestLimits, WireLimits
 from ._wire import Compression, decode_tensor, encode_tensor
 
 INFERENCE_PROTOCOL = "/swarm/shards/inference/1.0.0"
@@ -138,6 +152,19 @@ def compression_of(message: Mapping[str, Any]) -> Compression:
     except ValueError:
         known = ", ".join(c.value for c in Compression)
         raise BadRequest(f"unknown compression {value!r}; use one of {known}") from None
+
+
+def steps_of(message: Mapping[str, Any], limits: RequestLimits) -> int | None:
+    """How many session steps a forward replays (None: a plain forward)."""
+    value = message.get("steps")
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= limits.max_tokens:
+        raise BadRequest(
+            f"'steps' must count 1 to RequestLimits.max_tokens={limits.max_tokens} steps, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def as_mask(tensor: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

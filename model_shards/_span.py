@@ -3,7 +3,8 @@
 ``load_span`` reads only the span's tensors (block by block: build the layer on the meta
 device, assign the checkpoint tensors, quantize, move to the device). A ``Span`` then runs
 
-* stateless forwards (``forward``) and their input gradients (``backward``), and
+* stateless forwards (``forward``) and their input gradients (``backward``),
+* replays of a session's steps (``forward_steps``: what a checker runs), and
 * inference sessions (``open_session``): a KV cache reserved up front in a ``CachePool``,
   steps of new tokens, rollback.
 
@@ -14,6 +15,7 @@ call at a time per session.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -38,6 +40,8 @@ from ._masks import StepGeometry, positions_from_mask
 from ._progress import Progress
 from ._quant import Quantization, quantize_linears, resolve_quantization
 from .families import KVWriter, ModelFamily, family_for
+
+_log = logging.getLogger("model_shards.span")
 
 
 class Span:
@@ -101,6 +105,33 @@ class Span:
         geometry = self._geometry(hidden, _full_mask(hidden, attention_mask), 0, position_ids)
         with torch.no_grad():
             return self._run(hidden, geometry, None)
+
+    def forward_steps(
+        self,
+        pool: CachePool,
+        hidden: torch.Tensor,
+        steps: Sequence[int],
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run a session's steps (``steps``: positions of each, in order) as its last step
+        ran in the session: every position before the last step in one pass filling a
+        temporary cache (reserved in ``pool``), then the last step's positions on that
+        cache, through the kernels of a session step. The output of every position."""
+        hidden = self._check_hidden(hidden, batch_size=None)
+        batch, total = hidden.shape[:2]
+        if not steps or min(steps) < 1 or sum(steps) != total:
+            raise InvalidShape(f"steps {list(steps)[:8]} do not split {total} positions")
+        last = steps[-1]
+        mask = None if attention_mask is None else _check_mask(attention_mask, hidden)
+        parts = []
+        with self.open_session(pool, batch_size=batch, max_length=total) as session:
+            if total > last:
+                before = None if mask is None else mask[:, :-last]
+                parts.append(session.step(hidden[:, :-last], attention_mask=before))
+            tail = None if mask is None else mask[:, -last:]
+            parts.append(session.step(hidden[:, -last:], attention_mask=tail))
+        return torch.cat(parts, dim=1)
 
     def backward(
         self,
@@ -323,6 +354,17 @@ def _check_mask(attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Ten
     return attention_mask != 0
 
 
+def avoid_cudnn_attention() -> None:
+    """Turn off cuDNN's scaled-dot-product attention for this process (torch's other CUDA
+    backends stay). cuDNN builds a new plan for every key length, and a session's every
+    step has a new one: on an H200 (torch 2.11) a one-token step of a Llama-7B-shaped
+    bfloat16 block took 55.7 ms with it and 1.6 ms without (docs/benchmarks.md, "GPU
+    check"). A process-wide switch, set when a span is loaded on CUDA."""
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        _log.info("cuDNN attention turned off: it plans anew for every step's key length")
+
+
 def load_span(
     source: str | os.PathLike[str] | Checkpoint,
     start: int,
@@ -348,6 +390,8 @@ def load_span(
         source if isinstance(source, Checkpoint) else Checkpoint.open(source, cache_dir=cache_dir)
     )
     device = resolve_device(device)
+    if device.type == "cuda":
+        avoid_cudnn_attention()
     family = family_for(checkpoint.config, device)
     if not 0 <= start < end <= family.num_blocks:
         raise ValueError(

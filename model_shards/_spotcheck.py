@@ -1,7 +1,8 @@
 """Spot-checks: re-run a random share of a hop's steps on independent servers and compare.
 
 After a hop of an inference session answers a step, ``SpotChecker.after_step`` draws
-whether to check it (probability ``SpotCheckSettings.rate``; every step when paranoid).
+whether to check it (probability ``SpotCheckSettings.rate``; every step when paranoid;
+``probation_rate``, by default every step, while the server is on probation in the book).
 A check sends the whole prefix that hop has received so far (every step's input, in
 order) to an *independent* server of the same blocks with the stateless forward protocol,
 and compares the positions of the last step with what the hop returned, within the
@@ -22,7 +23,13 @@ check is ``INCONCLUSIVE`` and nobody is blamed. Outcomes feed the reputation boo
 
 ``detection_bound(rate, cheat_rate)`` is how many steps a cheater can last: with each step
 checked with probability ``r`` and wrong with probability ``c``, a step catches it with
-probability ``r*c``, and ``n`` steps miss it with probability ``(1 - r*c)**n``.
+probability ``r*c``, and ``n`` steps miss it with probability ``(1 - r*c)**n``. It is
+stated for a server that left probation (checked at ``rate``); one still on probation is
+checked at ``probation_rate``, so caught sooner.
+
+``SpotChecker.draw`` draws, ``blocks`` says whether the drawn check must finish before the
+step's output is used (paranoid, probation, or ``background`` off), ``check`` runs it: an
+inference session (``ChainSession``) runs the others in the background.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from security import Event, Evidence, PeerId, Recheck, ReputationBook, SignedAns
 from ._announce import ServerRecord
 from ._client_chain import Hop, RemoteChain, wire_mask
 from ._errors import ShardError
+from ._evidence_wire import encode_steps, forward_steps, split_step
 from ._tolerance import Discrepancy, Precision, Tolerance, discrepancy, tolerance_for
 from ._wire import decode_tensor
 
@@ -73,6 +81,11 @@ class SpotCheckSettings:
 
     rate: float = DEFAULT_RATE
     """Probability that a given step of a hop is checked (1.0: paranoid, every step)."""
+    probation_rate: float = 1.0
+    """The same for a server on probation in the checker's ``ReputationBook`` (it has not
+    passed ``ReputationSettings.probation_checks`` checks yet): at 1.0 a newcomer that
+    cheats on every step is caught on its first, before any token comes from it. Never
+    below ``rate``; with ``rate`` 0 no step is checked at all."""
     distinct_ip_groups: bool = True
     """Checkers must sit in another IP group than the checked server (and each other)."""
     exempt_private_addrs: bool = True
@@ -83,10 +96,20 @@ class SpotCheckSettings:
     until two servers agree."""
     max_tries: int = 6
     """Most servers asked for one check, those that failed to answer included."""
+    background: bool = True
+    """Checks drawn at ``rate`` for a server off probation run in the background of an
+    inference session (``ChainSession``): the token does not wait for them, and a cheater
+    one catches rewinds the generation to its first corrupted position. Paranoid checks
+    (``rate`` 1) and checks of servers on probation always block their step (``blocks``),
+    so that no token comes from a step they catch. False: every check blocks."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rate <= 1:
             raise ValueError(f"SpotCheckSettings.rate must be in [0, 1], got {self.rate}")
+        if not 0 <= self.probation_rate <= 1:
+            raise ValueError(
+                f"SpotCheckSettings.probation_rate must be in [0, 1], got {self.probation_rate}"
+            )
         if not 1 <= self.max_answers <= self.max_tries:
             raise ValueError(
                 f"SpotCheckSettings needs 1 <= max_answers <= max_tries, got "
@@ -255,18 +278,47 @@ class SpotChecker:
         output: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
+        steps: Sequence[int] | None = None,
     ) -> SpotCheck | None:
-        """Check this step with probability ``settings.rate``; None when it is not drawn.
+        """Check this step with probability ``rate_for(hop.peer_id)``; None when it is not
+        drawn.
 
         ``history``: the hidden states sent to ``hop`` at every step of its session so far,
         oldest first, the last being this step's (``[batch, new, hidden]`` each);
         ``output``: what the hop returned for this step; ``mask``: the attention mask of
-        the whole prefix ``[batch, tokens]`` (None: no padding).
+        the whole prefix ``[batch, tokens]`` (None: no padding); ``steps``: the positions of
+        each step of the hop's session, the last being this one's (the checker replays
+        them, ``_run_elsewhere``; None: one stateless forward of the prefix).
         """
-        self.stats.steps += 1
-        if self.rng.random() >= self.settings.rate:
+        if not self.draw(hop.peer_id):
             return None
-        return await self.check(hop, history, output, mask=mask)
+        return await self.check(hop, history, output, mask=mask, steps=steps)
+
+    def draw(self, peer: PeerId) -> bool:
+        """Whether to check a step of ``peer`` just answered (probability ``rate_for``);
+        counts the step."""
+        self.stats.steps += 1
+        return self.rng.random() < self.rate_for(peer)
+
+    def blocks(self, peer: PeerId) -> bool:
+        """Whether a check of ``peer``'s step drawn now must finish before the step's
+        output is used: with ``background`` off, when paranoid (``rate`` 1), or while the
+        book holds ``peer`` on probation; else it may run in the background."""
+        settings = self.settings
+        return (
+            not settings.background
+            or settings.rate >= 1
+            or (self.book is not None and self.book.on_probation(peer))
+        )
+
+    def rate_for(self, peer: PeerId) -> float:
+        """How likely a step of ``peer`` is checked: ``settings.probation_rate`` while the
+        book holds it on probation (a peer never seen is), else ``settings.rate``; without
+        a book, or with checks off (``rate`` 0), ``rate``."""
+        settings = self.settings
+        if settings.rate == 0 or self.book is None or not self.book.on_probation(peer):
+            return settings.rate
+        return max(settings.rate, settings.probation_rate)
 
     async def check(
         self,
@@ -275,9 +327,10 @@ class SpotChecker:
         output: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
+        steps: Sequence[int] | None = None,
     ) -> SpotCheck:
         """Check this step now (see ``after_step``)."""
-        result = await self._check(hop, history, output, mask)
+        result = await self._check(hop, history, output, mask, steps)
         self._count(result)
         self._inform(result)
         if result.verdict is not Verdict.HONEST or result.accused:
@@ -300,6 +353,7 @@ class SpotChecker:
         history: Sequence[torch.Tensor],
         output: torch.Tensor,
         mask: torch.Tensor | None,
+        steps: Sequence[int] | None,
     ) -> SpotCheck:
         peer = hop.peer_id
         servers = await self.chain.servers()
@@ -338,6 +392,7 @@ class SpotChecker:
                 avoid_groups=avoid_groups,
                 against=[c.precision for c, _ in answers],
                 tries=self.settings.max_tries - tries,
+                steps=steps,
             )
             tries += tried
             if got is None:
@@ -414,10 +469,16 @@ class SpotChecker:
         avoid_groups: Sequence[str | None],
         against: Sequence[Precision],
         tries: int,
+        steps: Sequence[int] | None = None,
     ) -> tuple[tuple[Candidate, torch.Tensor, SignedAnswer | None] | None, int]:
         """``prefix`` through ``hop``'s blocks on the best independent server (comparable
         with ``checked`` and every precision ``against``) that answers within ``tries``
-        servers, with its signed answer; and how many servers were asked."""
+        servers, with its signed answer; and how many servers were asked.
+
+        With ``steps`` (the positions of each step of ``hop``'s session, the last being the
+        checked one's), the checker replays those steps (``forward_steps``): each step's
+        input is encoded as the client sent it to ``hop``, so the checker signs the very
+        question ``hop`` answered. Without, it runs one stateless forward."""
         book = self.book
         candidates = choose_checkers(
             servers,
@@ -433,13 +494,22 @@ class SpotChecker:
         )
         candidates = [c for c in candidates if all(tolerance_for(p, c.precision) for p in against)]
         sent_mask = wire_mask(mask)
+        replayed = steps is not None and sum(steps) == prefix.shape[1] and min(steps) >= 1
+        inputs = (
+            encode_steps(prefix, steps, hop.dtype, self.chain.compression, mask=mask)
+            if replayed and steps is not None
+            else []
+        )
         asked = 0
         for candidate in candidates[:tries]:
             asked += 1
             record = candidate.record
             target = Hop(record.peer_id, hop.start, hop.end, candidate.precision.dtype)
             try:
-                out, signature = await self.chain.forward_signed(target, prefix, sent_mask)
+                if inputs:
+                    out, signature = await forward_steps(self.chain, target, inputs)
+                else:
+                    out, signature = await self.chain.forward_signed(target, prefix, sent_mask)
             except (P2PError, ShardError, TimeoutError) as e:
                 _log.info("checker %s failed: %s", record.peer_id.short(), e)
                 self._note(record.peer_id, Event.FAILURE)
@@ -482,22 +552,30 @@ def _inconclusive(
 
 
 async def recheck(
-    chain: RemoteChain, evidence: Evidence, trusted: Sequence[PeerId]
+    chain: RemoteChain,
+    evidence: Evidence,
+    trusted: Sequence[PeerId],
+    *,
+    material: tuple[Sequence[bytes], bytes] | None = None,
 ) -> list[Recheck]:
-    """The accused's question of inline ``evidence`` recomputed on the ``trusted`` servers
-    (stateless forwards): whether each agrees with the accused's output, within the
-    tolerance of its precision and the accused's announced one. A server that does not
-    answer, or whose precision is not comparable, gives no recheck (``judge`` then needs
-    others)."""
-    if not evidence.inline:
+    """The accused's question of ``evidence`` recomputed on the ``trusted`` servers: each
+    replays the inputs of steps 0..step (``forward_steps``; inline, or ``material`` fetched
+    from the accuser) and signs the accused's very question; whether its output of the last
+    step agrees with the accused's, within the tolerance of its precision and the accused's
+    announced one. A server that does not answer, answers another question, or whose
+    precision is not comparable, gives no recheck (``judge`` then needs others)."""
+    if material is None and not evidence.inline:
         return []
+    inputs, output = material if material is not None else (evidence.inputs, evidence.output)
     answer = evidence.accused
     try:
-        hidden = decode_tensor(evidence.inputs[-1])
-        claimed = decode_tensor(evidence.output).to(torch.float32)
+        last = [decode_tensor(t) for t in split_step(inputs[-1])]
+        claimed = decode_tensor(output).to(torch.float32)
     except ShardError as e:
         _log.info("evidence material does not decode: %s", e)
         return []
+    hidden = last[0].to(torch.float32)
+    step_mask = last[1] != 0 if len(last) == 2 else None
     servers = await chain.servers()
     accused_record = servers.get(answer.signer)
     accused = None if accused_record is None else precision_of(accused_record)
@@ -509,24 +587,24 @@ async def recheck(
     for peer in trusted:
         record = servers.get(peer)
         mine = None if record is None else precision_of(record)
-        if mine is None or tolerance_for(accused, mine) is None:
+        tolerance = None if mine is None else tolerance_for(accused, mine)
+        if mine is None or tolerance is None:
             continue
         try:
-            out = await chain.forward_on(Hop(peer, start, end, mine.dtype), hidden)
+            full, signed = await forward_steps(chain, Hop(peer, start, end, mine.dtype), inputs)
         except (P2PError, ShardError, TimeoutError) as e:
             _log.info("recheck on %s failed: %s", peer.short(), e)
             continue
-        out = out.to(torch.float32)
-        tolerance = tolerance_for(accused, mine)
-        agrees = (
-            tolerance is not None
-            and out.shape == claimed.shape
-            and discrepancy(
-                hidden.to(torch.float32),
-                out,
-                claimed,
-                rounding=accused.unit_roundoff + mine.unit_roundoff,
-            ).within(tolerance)
-        )
+        if signed.question != answer.question:
+            _log.info("recheck on %s answered another question", peer.short())
+            continue
+        out = full[:, full.shape[1] - hidden.shape[1] :]
+        agrees = out.shape == claimed.shape and discrepancy(
+            hidden,
+            out,
+            claimed,
+            rounding=accused.unit_roundoff + mine.unit_roundoff,
+            mask=step_mask,
+        ).within(tolerance)
         rechecks.append(Recheck(peer, agrees))
     return rechecks

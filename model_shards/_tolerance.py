@@ -1,9 +1,11 @@
 """How far apart two honest servers' outputs of the same blocks on the same input may be.
 
 Two servers never return bit-equal hidden states: their weights may be quantized
-differently (none, int8, nf4), they compute in different dtypes, and a session step
-(with a KV cache) and a stateless forward of the whole prefix do not add up the same
-numbers in the same order. A spot-check therefore compares with a tolerance, and the
+differently (none, int8, nf4), they compute in different dtypes, and even in one precision
+the checked session built its KV cache one step at a time while the checker recomputes the
+positions before the step in one pass (then the step on that cache, through the kernels
+of a session step): the cached keys and values, from the second block on, do not add up
+the same numbers in the same order. A spot-check therefore compares with a tolerance, and the
 tolerance must be scale-aware: hidden states grow along the residual stream, and what a
 span adds to it can be small next to what it carries through.
 
@@ -21,14 +23,27 @@ catches a change in one hidden channel that the average hides; measured against 
 update, a uniform rescaling of the output shows too.
 
 Every pair of precisions (dtype x quantization) has its largest honest errors measured
-(``MEASURED``, by ``model_shards._spot_calibrate`` through ``benchmarks/tolerance.py``: how,
-and the figures, in docs/benchmarks.md "Trust"); its tolerance is ``MARGIN`` times that,
-at least ``FLOOR`` (``tolerance_for``). A tolerance is *strict* when it is tight enough to
-catch every cheat of the issue, outputs scaled by 1.05 included (``STRICT_RMS``): pairs of
-one precision are, but for int8 and nf4 in bfloat16. Other pairs are *coarse* (zeros and
-skipped blocks are still caught, subtler cheats not always), and a pair whose tolerance
-would pass errors as large as the span's whole update (``COARSE_RMS``: nf4 against
-anything but nf4) is not compared at all. The spot-checker prefers strict checkers.
+(``MEASURED``, by ``model_shards._spot_calibrate`` through ``benchmarks/tolerance.py``, on
+models of hidden size 32, 128 and 256: how, and the figures, in docs/benchmarks.md
+"Trust"); its tolerance is ``MARGIN`` times that, at least ``FLOOR`` (``tolerance_for``).
+``rms`` is a mean over the channels, so the hidden size does not enter it; ``peak``, their
+maximum, grows slowly with their number (for Gaussian errors about sqrt(2 ln H) times
+``rms``: 2.6 at 32, 3.3 at 256, 4.1 at 4,096). The honest errors themselves grow with the
+hidden size where blocks change the stream a lot, which only wider models show.
+
+A tolerance is *strict* when it is tight enough to catch every cheat of the issue, outputs
+scaled by 1.05 included (``STRICT_RMS``): pairs of one precision are, but for nf4 in
+bfloat16 (on the CPU: a Mixtral expert choice flipped by rounding) and int8 in every dtype
+from hidden size 128 on (in float32: LLM.int8 computes apart the columns where any row of
+the batch has an activation over its outlier threshold, so the checker's one-pass prefix
+and the session's one-token steps split them differently; in float16 and bfloat16 the
+cached keys and values round further apart as the hidden size grows). Other pairs are
+*coarse* (zeros and skipped blocks are still caught, subtler cheats not always), and a pair
+whose tolerance would pass errors as large as the span's whole update (``COARSE_RMS``: nf4
+against anything but nf4) is not compared at all. The spot-checker prefers strict
+checkers. A mixture of experts whose expert choice a rounding flips differs by about the
+expert's whole output, in any pair: ``MEASURED`` covers that only where its calibration
+met it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -118,45 +133,45 @@ MEASURED: dict[tuple[str, str], tuple[float, float]] = {
     ("none/float32", "none/float32"): (1.479e-06, 4.636e-06),
     ("none/bfloat16", "none/float32"): (0.3171, 1.436),
     ("none/float16", "none/float32"): (0.04354, 0.1737),
-    ("int8/float32", "none/float32"): (0.1471, 0.3013),
+    ("int8/float32", "none/float32"): (0.1471, 0.3959),
     ("int8/bfloat16", "none/float32"): (0.2894, 1.362),
-    ("int8/float16", "none/float32"): (0.08546, 0.1825),
-    ("nf4/float32", "none/float32"): (0.64, 1.643),
-    ("nf4/bfloat16", "none/float32"): (0.5771, 1.512),
-    ("nf4/float16", "none/float32"): (0.6388, 1.637),
-    ("none/bfloat16", "none/bfloat16"): (0.01272, 0.07139),
+    ("int8/float16", "none/float32"): (0.1147, 0.3608),
+    ("nf4/float32", "none/float32"): (0.8375, 2.839),
+    ("nf4/bfloat16", "none/float32"): (0.8718, 2.686),
+    ("nf4/float16", "none/float32"): (0.8428, 2.794),
+    ("none/bfloat16", "none/bfloat16"): (0.01355, 0.07138),
     ("none/bfloat16", "none/float16"): (0.3122, 1.44),
     ("int8/float32", "none/bfloat16"): (0.3153, 1.443),
     ("int8/bfloat16", "none/bfloat16"): (0.3181, 1.766),
     ("int8/float16", "none/bfloat16"): (0.3088, 1.441),
-    ("nf4/float32", "none/bfloat16"): (0.6439, 1.656),
-    ("nf4/bfloat16", "none/bfloat16"): (0.5807, 1.529),
-    ("nf4/float16", "none/bfloat16"): (0.6425, 1.644),
+    ("nf4/float32", "none/bfloat16"): (0.8407, 2.841),
+    ("nf4/bfloat16", "none/bfloat16"): (0.8746, 2.632),
+    ("nf4/float16", "none/bfloat16"): (0.846, 2.759),
     ("none/float16", "none/float16"): (0.002303, 0.01258),
-    ("int8/float32", "none/float16"): (0.1471, 0.3004),
+    ("int8/float32", "none/float16"): (0.1471, 0.394),
     ("int8/bfloat16", "none/float16"): (0.2991, 1.23),
-    ("int8/float16", "none/float16"): (0.08414, 0.1735),
-    ("nf4/float32", "none/float16"): (0.64, 1.644),
-    ("nf4/bfloat16", "none/float16"): (0.5772, 1.513),
-    ("nf4/float16", "none/float16"): (0.6387, 1.639),
-    ("int8/float32", "int8/float32"): (0.002644, 0.006203),
+    ("int8/float16", "none/float16"): (0.1144, 0.3624),
+    ("nf4/float32", "none/float16"): (0.8373, 2.843),
+    ("nf4/bfloat16", "none/float16"): (0.8715, 2.695),
+    ("nf4/float16", "none/float16"): (0.8426, 2.798),
+    ("int8/float32", "int8/float32"): (0.03108, 0.1313),
     ("int8/bfloat16", "int8/float32"): (0.291, 1.36),
     ("int8/float16", "int8/float32"): (0.1445, 0.2949),
-    ("int8/float32", "nf4/float32"): (0.6654, 1.696),
-    ("int8/float32", "nf4/bfloat16"): (0.6048, 1.527),
-    ("int8/float32", "nf4/float16"): (0.6651, 1.69),
-    ("int8/bfloat16", "int8/bfloat16"): (0.02625, 0.08904),
+    ("int8/float32", "nf4/float32"): (0.8175, 2.839),
+    ("int8/float32", "nf4/bfloat16"): (0.852, 2.85),
+    ("int8/float32", "nf4/float16"): (0.8233, 2.812),
+    ("int8/bfloat16", "int8/bfloat16"): (0.03654, 0.1357),
     ("int8/bfloat16", "int8/float16"): (0.2938, 1.229),
-    ("int8/bfloat16", "nf4/float32"): (0.6555, 1.65),
-    ("int8/bfloat16", "nf4/bfloat16"): (0.5962, 1.766),
-    ("int8/bfloat16", "nf4/float16"): (0.6555, 1.644),
-    ("int8/float16", "int8/float16"): (0.02224, 0.04904),
-    ("int8/float16", "nf4/float32"): (0.6702, 1.709),
-    ("int8/float16", "nf4/bfloat16"): (0.6071, 1.546),
-    ("int8/float16", "nf4/float16"): (0.6692, 1.702),
-    ("nf4/float32", "nf4/float32"): (6.074e-07, 3.436e-06),
-    ("nf4/bfloat16", "nf4/float32"): (0.3139, 1.344),
-    ("nf4/float16", "nf4/float32"): (0.09486, 0.2652),
+    ("int8/bfloat16", "nf4/float32"): (0.8162, 2.933),
+    ("int8/bfloat16", "nf4/bfloat16"): (0.85, 2.765),
+    ("int8/bfloat16", "nf4/float16"): (0.8208, 2.888),
+    ("int8/float16", "int8/float16"): (0.03588, 0.1276),
+    ("int8/float16", "nf4/float32"): (0.8192, 2.878),
+    ("int8/float16", "nf4/bfloat16"): (0.8541, 2.734),
+    ("int8/float16", "nf4/float16"): (0.8246, 2.837),
+    ("nf4/float32", "nf4/float32"): (1.661e-06, 4.681e-06),
+    ("nf4/bfloat16", "nf4/float32"): (0.3151, 1.344),
+    ("nf4/float16", "nf4/float32"): (0.09581, 0.3265),
     ("nf4/bfloat16", "nf4/bfloat16"): (0.1293, 0.3145),
     ("nf4/bfloat16", "nf4/float16"): (0.3251, 1.478),
     ("nf4/float16", "nf4/float16"): (0.001966, 0.007835),

@@ -10,7 +10,8 @@ a ``random.Random`` the caller passes. Imports without torch or numpy.
   that chose at the same moment: the lower peer id keeps its choice).
 * Rebalancing: ``should_move`` / ``plan_rebalance``, ``next_check_at``.
 * Routing: ``route_min_latency`` (generation), ``route_for_throughput`` (batch work),
-  ``replace_span`` (failover), ``Route`` / ``Hop``.
+  ``replace_span`` (failover), ``Route`` / ``Hop``; each takes the caller's judgement of
+  servers as data (``weights``, ``avoid``: what a client's reputation book says).
 * Simulation: ``simulate_churn`` plays thousands of servers joining, leaving and
   rebalancing, with no network.
 """

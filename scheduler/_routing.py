@@ -5,6 +5,11 @@ order; a hop may use part of a server's span (a server on ``[0, 12)`` may be ask
 ``[4, 12)``). Only online servers with throughput and reputation above 0, not banned
 (and, for generation, with room for the session's cache) are routed to.
 
+The caller's own judgement of servers comes in as data (a client's reputation book,
+``security.ReputationBook``, supplies it): ``weights`` (a relative preference per server,
+1 when absent, 0 never routed to) and ``avoid`` (servers used only for blocks no other
+eligible server serves: soft bans, peers on probation past their share of traffic).
+
 * ``route_min_latency`` (generation): the chain of least expected latency per step:
   each hop's compute, ``blocks * num_tokens / throughput``, plus the network, which
   depends on how hidden states travel:
@@ -23,20 +28,23 @@ order; a hop may use part of a server's span (a server on ``[0, 12)`` may be ask
   that processed the block before it), and from it the chain either keeps that server
   for one more block or hops to another server that serves the next block. The work is
   about the sum of the spans plus the measured round trips per boundary: 800 servers
-  route in tens of milliseconds.
+  route in tens of milliseconds. With ``weights``, what a hop adds (the link into its
+  server and its compute) is divided by its server's weight relative to the heaviest
+  eligible server, so a distrusted server is used only where it is clearly faster.
 * ``route_for_throughput`` (batch forward/backward): at each boundary, starting at 0,
   draw one of the servers serving the next block with probability proportional to
-  ``throughput * reputation``, and use it to the end of its span: a server ten times as
-  fast as its peers receives ten times their traffic.
+  ``throughput * reputation * weight``, and use it to the end of its span: a server ten
+  times as fast as its peers receives ten times their traffic.
 * ``replace_span`` (failover): the least-latency sub-route over exactly the blocks of a
   failed hop, between the hops around it; it never uses the failed server.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 from ._errors import MissingBlocksError, SchedulerConfigError
 from ._model import PeerKey, ServerInfo, ServerState, SwarmSnapshot, coverage
@@ -121,6 +129,8 @@ def route_min_latency(
     min_cache_tokens: int = 0,
     push: bool = True,
     settings: SchedulerSettings = DEFAULT_SETTINGS,
+    weights: Mapping[PeerKey, float] | None = None,
+    avoid: Collection[PeerKey] = (),
 ) -> Route:
     """The chain over all blocks with the least expected latency per step.
 
@@ -129,21 +139,25 @@ def route_min_latency(
     ``min_cache_tokens``: skip servers announcing less cache room than the session needs.
     ``push``: whether servers push hidden states to the next hop (latency of one pass
     along the chain, using the servers' published round trips) or the client relays
-    them (a client round trip per hop); see the module docstring.
+    them (a client round trip per hop); see the module docstring. ``weights`` and
+    ``avoid``: the caller's preferences (module docstring); with ``weights`` the
+    route's ``expected_latency_s`` is the weighted cost it minimised.
     Raises ``MissingBlocksError`` if some block has no eligible server.
     """
     if num_tokens < 1:
         raise SchedulerConfigError(f"num_tokens={num_tokens} must be >= 1")
-    servers = _eligible(snapshot, banned, min_cache_tokens)
+    n = snapshot.num_blocks
+    servers = _eligible(snapshot, banned, min_cache_tokens, weights, avoid, 0, n)
     return _least_latency(
         snapshot,
         servers,
         0,
-        snapshot.num_blocks,
+        n,
         _Ends(None, None, dict(client_rtts or {})),
         num_tokens,
         settings.default_rtt_s,
         push,
+        _penalties(servers, weights),
     )
 
 
@@ -152,16 +166,21 @@ def route_for_throughput(
     rng: random.Random,
     *,
     banned: Collection[PeerKey] = (),
+    weights: Mapping[PeerKey, float] | None = None,
+    avoid: Collection[PeerKey] = (),
 ) -> Route:
     """A chain over all blocks drawn to spread load by throughput (batch work).
 
     At each boundary one of the servers serving the next block is drawn with
-    probability proportional to ``throughput * reputation`` and kept to the end of its
-    span. Raises ``MissingBlocksError`` if some block has no eligible server.
+    probability proportional to ``throughput * reputation * weights[peer]`` (weight 1
+    when absent) and kept to the end of its span; ``avoid``ed servers only where
+    nothing else serves. Raises ``MissingBlocksError`` if some block has no eligible
+    server.
     """
-    servers = _eligible(snapshot, banned, 0)
-    _check_covered(snapshot, servers, 0, snapshot.num_blocks)
     n = snapshot.num_blocks
+    servers = _eligible(snapshot, banned, 0, weights, avoid, 0, n)
+    _check_covered(snapshot, servers, 0, n)
+    weight = _weight_of(weights)
     by_block: list[list[ServerInfo]] = [[] for _ in range(n)]
     for server in servers:
         for block in range(server.start, server.end):
@@ -170,8 +189,8 @@ def route_for_throughput(
     block = 0
     while block < n:
         candidates = by_block[block]
-        weights = [s.throughput * s.reputation for s in candidates]
-        chosen = rng.choices(candidates, weights=weights)[0]
+        chances = [s.throughput * s.reputation * weight(s) for s in candidates]
+        chosen = rng.choices(candidates, weights=chances)[0]
         hops.append(Hop(chosen.peer_id, block, chosen.end))
         block = chosen.end
     return Route(tuple(hops))
@@ -188,6 +207,8 @@ def replace_span(
     min_cache_tokens: int = 0,
     push: bool = True,
     settings: SchedulerSettings = DEFAULT_SETTINGS,
+    weights: Mapping[PeerKey, float] | None = None,
+    avoid: Collection[PeerKey] = (),
 ) -> Route:
     """The least-latency sub-route over exactly the blocks of ``route.hops[failed_hop]``.
 
@@ -195,8 +216,9 @@ def replace_span(
     never uses the failed server or a ``banned`` one; it may use the servers of the
     neighbouring hops (with ``push``, at no cost between a server and itself; without,
     every hop costs a client round trip, as in ``route_min_latency``). Splice it in
-    with ``route.splice(failed_hop, sub_route)``. Raises ``MissingBlocksError`` if no
-    other server serves some of those blocks.
+    with ``route.splice(failed_hop, sub_route)``. ``weights`` and ``avoid`` as in
+    ``route_min_latency``. Raises ``MissingBlocksError`` if no other server serves some
+    of those blocks.
     """
     if not 0 <= failed_hop < len(route.hops):
         raise SchedulerConfigError(
@@ -206,7 +228,7 @@ def replace_span(
         raise SchedulerConfigError(f"num_tokens={num_tokens} must be >= 1")
     hop = route.hops[failed_hop]
     excluded = {*banned, hop.peer_id}
-    servers = _eligible(snapshot, excluded, min_cache_tokens)
+    servers = _eligible(snapshot, excluded, min_cache_tokens, weights, avoid, hop.start, hop.end)
     before = route.hops[failed_hop - 1].peer_id if failed_hop > 0 else None
     after = route.hops[failed_hop + 1].peer_id if failed_hop + 1 < len(route.hops) else None
     ends = _Ends(
@@ -215,7 +237,15 @@ def replace_span(
         dict(client_rtts or {}),
     )
     return _least_latency(
-        snapshot, servers, hop.start, hop.end, ends, num_tokens, settings.default_rtt_s, push
+        snapshot,
+        servers,
+        hop.start,
+        hop.end,
+        ends,
+        num_tokens,
+        settings.default_rtt_s,
+        push,
+        _penalties(servers, weights),
     )
 
 
@@ -229,19 +259,62 @@ def _known(snapshot: SwarmSnapshot, peer_id: PeerKey | None) -> ServerInfo | Non
     return ServerInfo(peer_id, 0, 1, 0.0, ServerState.OFFLINE)
 
 
+def _weight_of(weights: Mapping[PeerKey, float] | None) -> Callable[[ServerInfo], float]:
+    """The caller's weight of a server (1 when not given), checked to be a finite w >= 0."""
+    given = weights or {}
+    for peer, weight in given.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise SchedulerConfigError(f"weight {weight} of {peer!r} is not a finite w >= 0")
+    return lambda server: given.get(server.peer_id, 1.0)
+
+
 def _eligible(
-    snapshot: SwarmSnapshot, banned: Collection[PeerKey], min_cache_tokens: int
+    snapshot: SwarmSnapshot,
+    banned: Collection[PeerKey],
+    min_cache_tokens: int,
+    weights: Mapping[PeerKey, float] | None,
+    avoid: Collection[PeerKey],
+    start: int,
+    end: int,
 ) -> list[ServerInfo]:
+    """The servers a route over ``[start, end)`` may use: online, with throughput,
+    reputation and weight above 0, not banned, with the cache room asked; of those in
+    ``avoid``, only the ones serving a block of ``[start, end)`` no other one serves,
+    cut down to the least part of their span holding all such blocks."""
     excluded = set(banned)
-    return [
+    weight = _weight_of(weights)
+    usable = [
         s
         for s in snapshot.servers
         if s.state is ServerState.ONLINE
         and s.throughput > 0
         and s.reputation > 0
+        and weight(s) > 0
         and s.peer_id not in excluded
         and (s.cache_tokens_left is None or s.cache_tokens_left >= min_cache_tokens)
     ]
+    shunned = set(avoid)
+    if not shunned:
+        return usable
+    preferred = [s for s in usable if s.peer_id not in shunned]
+    counts = coverage(snapshot.num_blocks, preferred)
+    uncovered = [b for b in range(start, end) if counts[b] == 0]
+    needed = []
+    for s in (s for s in usable if s.peer_id in shunned):
+        blocks = [b for b in uncovered if s.start <= b < s.end]
+        if blocks:
+            needed.append(replace(s, start=blocks[0], end=blocks[-1] + 1))
+    return preferred + needed
+
+
+def _penalties(servers: list[ServerInfo], weights: Mapping[PeerKey, float] | None) -> list[float]:
+    """Per server, what its hops' costs are multiplied by: the heaviest server's weight
+    over its own (1 for all without ``weights``)."""
+    if not weights or not servers:
+        return [1.0] * len(servers)
+    weight = _weight_of(weights)
+    heaviest = max(weight(s) for s in servers)
+    return [heaviest / weight(s) for s in servers]
 
 
 def _check_covered(
@@ -296,13 +369,15 @@ def _least_latency(
     num_tokens: int,
     default_rtt: float,
     push: bool,
+    penalty: list[float],
 ) -> Route:
-    """Exact least-latency chain over ``[start, end)`` (see the module docstring)."""
+    """Exact least-latency chain over ``[start, end)`` (see the module docstring); what
+    a hop adds (the link into its server and its compute) is multiplied by ``penalty``."""
     _check_covered(snapshot, servers, start, end)
     if not push:
-        return _least_relayed(servers, start, end, ends, num_tokens, default_rtt)
+        return _least_relayed(servers, start, end, ends, num_tokens, default_rtt, penalty)
     position = {s.peer_id: i for i, s in enumerate(servers)}
-    compute = [num_tokens / s.throughput for s in servers]
+    compute = [num_tokens / s.throughput * penalty[i] for i, s in enumerate(servers)]
     # Round trips measured between eligible servers, by receiver then sender.
     known_in: list[dict[int, float]] = [{} for _ in servers]
     for i, server in enumerate(servers):
@@ -315,9 +390,15 @@ def _least_latency(
             j = position.get(peer)
             if j is not None and j != i:
                 known_in[i].setdefault(j, rtt / 2)
+    for i, links in enumerate(known_in):
+        for j in links:
+            links[j] *= penalty[i]
     covering = _covering(servers, start, end)
     # With push, a link is crossed one way: half its round trip.
-    from_source = [_rtt(ends.source, s, ends.client_rtts, default_rtt) / 2 for s in servers]
+    from_source = [
+        _rtt(ends.source, s, ends.client_rtts, default_rtt) / 2 * penalty[i]
+        for i, s in enumerate(servers)
+    ]
     # arrived[k][i] = (cost, hop start, previous server) once server i has run block
     # start + k - 1 as the last block so far; the source "arrives" at the start.
     arrived: list[dict[int, tuple[float, int, int]]] = [{_SOURCE: (0.0, start, _SOURCE)}]
@@ -330,7 +411,7 @@ def _least_latency(
             for cost, prev in ranked:
                 if prev == i or prev in known_in[i]:
                     continue
-                link = from_source[i] if prev == _SOURCE else default_rtt / 2
+                link = from_source[i] if prev == _SOURCE else default_rtt / 2 * penalty[i]
                 candidate = (cost + link, start + k, prev)
                 if prev != _SOURCE:
                     if best is None or candidate[0] < best[0]:
@@ -360,10 +441,14 @@ def _least_relayed(
     ends: _Ends,
     num_tokens: int,
     default_rtt: float,
+    penalty: list[float],
 ) -> Route:
-    """Least-latency chain when the client relays: each hop costs its client round trip."""
-    compute = [num_tokens / s.throughput for s in servers]
-    enter = [_rtt(None, s, ends.client_rtts, default_rtt) for s in servers]
+    """Least-latency chain when the client relays: each hop costs its client round trip
+    (both that and its compute multiplied by the server's ``penalty``)."""
+    compute = [num_tokens / s.throughput * penalty[i] for i, s in enumerate(servers)]
+    enter = [
+        _rtt(None, s, ends.client_rtts, default_rtt) * penalty[i] for i, s in enumerate(servers)
+    ]
     covering = _covering(servers, start, end)
     arrived: list[dict[int, tuple[float, int, int]]] = [{_SOURCE: (0.0, start, _SOURCE)}]
     for k in range(end - start):

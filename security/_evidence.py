@@ -10,8 +10,9 @@ A client whose spot-checks found a server's answer wrong, against the answers of
 least two other servers (the *witnesses*), packs ``Evidence``: the accused's signed
 answer, the witnesses' signed answers to the same question, and the material needed
 to recompute (the inputs of steps 0..step and the accused's output) inline when it
-fits a DHT record, otherwise held by the accuser for whoever asks. The accuser signs
-it: evidence that does not hold costs its accuser. It is published in the DHT under
+fits a DHT record, otherwise held by the accuser for whoever asks (``addrs``: where it
+serves it, unsigned hints). The accuser signs it: evidence that does not hold costs its
+accuser. It is published in the DHT under
 ``evidence_key(accused)``, sub-keyed by the accuser's PeerID.
 
 Anyone can check it. ``Evidence.check`` verifies every signature and that all answers
@@ -89,6 +90,11 @@ class EvidenceLimits:
     max_witnesses: int = 4
     min_rechecks: int = 2
     """Trusted recomputations that must all agree before a verdict."""
+    max_addrs: int = 8
+    max_addr_chars: int = 256
+    """Where the accuser serves material that is not inline: so many multiaddrs, so long."""
+    max_material_bytes: int = 64 * 1024 * 1024
+    """The most material a verifier fetches from an accuser."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_witnesses <= self.max_witnesses:
@@ -249,7 +255,9 @@ class Evidence:
 
     ``inputs`` (the inputs of steps 0..step) and ``output`` (the accused's output) are
     inline when they fit ``EvidenceLimits.max_inline_bytes``, otherwise empty: the
-    accuser holds them and ``check_material`` checks them once fetched.
+    accuser holds them, serves them at ``addrs`` (its multiaddrs, ending in its PeerID;
+    not signed: a fetch authenticates the accuser itself) and ``check_material`` checks
+    them once fetched.
     """
 
     accused: SignedAnswer
@@ -259,6 +267,7 @@ class Evidence:
     inputs: tuple[bytes, ...]
     output: bytes
     signature: bytes
+    addrs: tuple[str, ...] = ()
 
     @classmethod
     def create(
@@ -270,12 +279,14 @@ class Evidence:
         inputs: Sequence[bytes],
         output: bytes,
         now: float,
+        addrs: Sequence[str] = (),
         limits: EvidenceLimits = _DEFAULT_LIMITS,
     ) -> Evidence:
         """Sign evidence as ``identity``; raises ``EvidenceError`` if it would not hold.
 
         ``inputs`` are the session's inputs of steps 0..``accused.step``, ``output`` the
-        accused's output bytes; both go inline if they fit.
+        accused's output bytes; both go inline if they fit, else ``addrs`` (where the
+        accuser serves them) go instead.
         """
         inline = sum(map(len, inputs)) + len(output) <= limits.max_inline_bytes
         unsigned = cls(
@@ -292,6 +303,9 @@ class Evidence:
         evidence = cls(*unsigned._fields()[:-1], identity.sign(unsigned.signed()))
         if len(evidence.to_bytes()) > limits.max_record_bytes:
             evidence = cls(*evidence._fields()[:4], (), b"", evidence.signature)
+        if not evidence.inline:
+            evidence = cls(*evidence._fields(), tuple(addrs)[: limits.max_addrs])
+            evidence._check_addrs(limits)
         return evidence
 
     def _fields(self) -> tuple[Any, ...]:
@@ -359,6 +373,16 @@ class Evidence:
                 raise InvalidEvidence(f"witness {witness.signer} gave the accused's very output")
         if not math.isfinite(self.created):
             raise InvalidEvidence("evidence creation time is not finite")
+        self._check_addrs(limits)
+
+    def _check_addrs(self, limits: EvidenceLimits) -> None:
+        if len(self.addrs) > limits.max_addrs or any(
+            len(a) > limits.max_addr_chars for a in self.addrs
+        ):
+            raise MalformedEvidence(
+                f"evidence names {len(self.addrs)} accuser addresses, EvidenceLimits allows "
+                f"{limits.max_addrs} of up to {limits.max_addr_chars} characters"
+            )
 
     def check_material(self, inputs: Sequence[bytes], output: bytes) -> None:
         """Raise ``InvalidEvidence`` unless ``inputs`` (steps 0..step) and ``output``
@@ -385,6 +409,7 @@ class Evidence:
                 "inputs": list(self.inputs),
                 "output": self.output,
                 "signature": self.signature,
+                "addrs": list(self.addrs),
             },
             use_bin_type=True,
         )
@@ -408,6 +433,13 @@ class Evidence:
         created = content.get("created")
         output = content.get("output")
         signature = content.get("signature")
+        addrs = content.get("addrs", [])
+        if (
+            not isinstance(addrs, list)
+            or len(addrs) > limits.max_addrs
+            or not all(isinstance(a, str) and len(a) <= limits.max_addr_chars for a in addrs)
+        ):
+            raise MalformedEvidence("evidence's accuser addresses are a short list of text")
         if not isinstance(witnesses, list) or len(witnesses) > limits.max_witnesses:
             raise MalformedEvidence("evidence's witnesses are a short list")
         if not isinstance(inputs, list) or not all(isinstance(i, bytes) for i in inputs):
@@ -428,6 +460,7 @@ class Evidence:
             tuple(inputs),
             output,
             signature,
+            tuple(addrs),
         )
 
 

@@ -268,13 +268,19 @@ class ReputationBook:
         state.updated = state.seen = now
         if event is Event.CHECK_PASSED:
             state.checks_passed += 1
-        elif event is Event.CHECK_FAILED:
+        elif event in (Event.CHECK_FAILED, Event.EVIDENCE_AGAINST):
             state.checks_failed += 1
             state.checks_passed = 0
         low = state.score <= settings.ban_below and state.banned_until <= now
         if event in settings.ban_events or low:
             self._ban(state, now, settings.ban_s * 2.0**state.bans)
         return self.standing(peer)
+
+    def record_outcome(self, peer: PeerId, ok: bool, timed_out: bool = False) -> Standing:
+        """``record`` one request's outcome: ``SUCCESS`` when ``ok``, else ``TIMEOUT`` or
+        ``FAILURE`` (the shape of ``dht.DHT``'s ``on_outcome`` hook)."""
+        event = Event.SUCCESS if ok else Event.TIMEOUT if timed_out else Event.FAILURE
+        return self.record(peer, event)
 
     def record_evidence(self, evidence_id: bytes, peer: PeerId, event: Event) -> bool:
         """``record`` an outcome of evidence ``evidence_id`` unless that evidence already
@@ -318,14 +324,18 @@ class ReputationBook:
             return -1.0
         return 0.5 * (1.0 + math.tanh(self._decayed(state, now) / self.settings.score_scale))
 
-    def routing_weights(self, candidates: Iterable[PeerId]) -> dict[PeerId, float]:
+    def routing_weights(
+        self, candidates: Iterable[PeerId], *, cap_probation: bool = True
+    ) -> dict[PeerId, float]:
         """A weight in [0, 1) per candidate for choosing among servers of one span.
 
         Banned peers weigh 0. Others weigh ``contact_score``, shrunk by
         ``group_free_peers / n`` when ``n`` candidates share an IP group beyond the free
-        count, and peers on probation are scaled together so that, when chosen in
-        proportion to weight, they get at most ``probation_share`` of the choices
-        (unless no established peer is among the candidates).
+        count, and, with ``cap_probation``, peers on probation are scaled together so
+        that, when chosen in proportion to weight, they get at most ``probation_share``
+        of the choices (unless no established peer is among the candidates). Without it
+        (for a choice that is not a draw, e.g. least-latency routing), ``eligible`` is
+        what keeps them to their share.
         """
         settings = self.settings
         peers = list(dict.fromkeys(candidates))
@@ -349,7 +359,7 @@ class ReputationBook:
             else:
                 established_sum += weight
         cap = established_sum * settings.probation_share / (1.0 - settings.probation_share)
-        if established_sum > 0 and probation_sum > cap:
+        if cap_probation and established_sum > 0 and probation_sum > cap:
             factor = cap / probation_sum
             for peer in peers:
                 if self._on_probation(self._peers.get(peer)):

@@ -1,8 +1,14 @@
-"""``swarm generate``: generate text through the swarm, streaming tokens as they come."""
+"""``swarm generate``: generate text through the swarm, streaming tokens as they come.
+
+A server caught cheating late makes ``generate`` rewind and draw the tokens after its
+first corrupted position again (``model_shards._client``): the text printed so far is
+ended with a newline, a notice goes to stderr, and the text drawn again follows.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ._peer import say
 
@@ -39,6 +45,16 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError) as e:
         raise SystemExit(f"swarm generate: no tokenizer in {args.model}: {e}") from None
+
+    class Streamer(TextStreamer):
+        def rewound(self, length: int) -> None:
+            self.end()
+            print(
+                f"[a server was caught cheating: the text after token {length} is drawn again]",
+                file=sys.stderr,
+                flush=True,
+            )
+
     torch.manual_seed(args.seed)
     limits = ClientLimits(route_wait_s=args.wait)
     with DistributedModelForCausalLM.from_pretrained(
@@ -58,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,
-            streamer=TextStreamer(tokenizer),
+            streamer=Streamer(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             **sampling,
         )

@@ -184,6 +184,9 @@ async def start_peer(
     unreachable joins the DHT as a client (it stays reachable for blocks through its
     relay). ``mdns`` runs LAN discovery where the node listens on a LAN address.
     ``pow_bits``, ``proof_file`` and ``reputation_file``: see the module's docstring.
+    The book kept in ``reputation_file`` hears how every DHT request to a peer ends
+    (``on_outcome``) and ranks the routing table (``score``); ``reputation_book(host)``
+    returns it while the node runs, ``stop_peer`` saves it.
     """
     book = ReputationBook.load(reputation_file) if reputation_file is not None else None
     proof = load_proof(proof_file, identity, pow_bits) if proof_file is not None else None
@@ -206,6 +209,7 @@ async def start_peer(
             identity=identity,
             proof=proof,
             score=book.contact_score if book is not None else None,
+            on_outcome=book.record_outcome if book is not None else None,
         )
         await _start_dht(dht, addrs_from(bootstrap))
         kept.keep_proof(dht)
@@ -218,6 +222,12 @@ async def start_peer(
         await host.stop()
         raise
     return host, dht
+
+
+def reputation_book(host: Host) -> ReputationBook | None:
+    """The reputation book of a node ``start_peer`` started with a ``reputation_file``."""
+    kept = _kept.get(host)
+    return None if kept is None else kept.book
 
 
 async def _start_dht(dht: DHT, bootstrap: list[Multiaddr]) -> None:

@@ -76,6 +76,11 @@ class ModelFamily(ABC):
     model_type: ClassVar[str]
     attn_implementation: ClassVar[str] = "sdpa"
     experts_implementation: ClassVar[str | None] = None
+    spot_checkable: ClassVar[bool] = True
+    """Whether honest servers agree within a spot-check tolerance. Not for a mixture of
+    experts: rounding that differs between a session step and a checker's replay flips a
+    token's expert choice, and the outputs then differ by more than any cheat worth
+    catching (docs/benchmarks.md, "Calibration")."""
 
     def __init__(self, config: PretrainedConfig, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")

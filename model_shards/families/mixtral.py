@@ -26,6 +26,7 @@ _EXPERT = re.compile(r"experts\.(\d+)\.(w[123])\.weight")
 class MixtralFamily(LlamaLikeFamily):
     model_type = "mixtral"
     experts_implementation = "grouped_mm"
+    spot_checkable = False
     layer_class = MixtralDecoderLayer
     norm_class = MixtralRMSNorm
     rotary_class = MixtralRotaryEmbedding

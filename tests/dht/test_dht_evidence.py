@@ -87,3 +87,44 @@ async def test_published_evidence_is_judged_by_another_client(cluster: Cluster) 
     assert book.standing(accuser.peer_id).score == pytest.approx(
         book.settings.weight(Event.FALSE_ACCUSATION)
     )
+
+
+@pytest.mark.timeout(60)
+async def test_evidence_too_large_to_go_inline_names_its_accuser(cluster: Cluster) -> None:
+    await cluster.grow(4)
+    accuser_key = KeyPair.generate()
+    accuser = await cluster.add(identity=accuser_key, server_mode=False)
+    verifier = await cluster.add(server_mode=False)
+    cheat, witness_1, witness_2 = (KeyPair.generate() for _ in range(3))
+    # a long session: 200 steps of 512 bytes, far over what a record carries
+    inputs = [os.urandom(512) for _ in range(200)]
+    witnesses = [
+        signed_answer(witness_1, inputs, b"true+"),
+        signed_answer(witness_2, inputs, b"true-"),
+    ]
+    where = "/ip4/127.0.0.1/tcp/4001/p2p/" + accuser_key.peer_id.to_base58()
+    evidence = Evidence.create(
+        accuser_key,
+        signed_answer(cheat, inputs, b"noise"),
+        witnesses,
+        inputs=inputs,
+        output=b"noise",
+        now=time.time(),
+        addrs=[where],
+    )
+    assert not evidence.inline and evidence.addrs == (where,)
+    key = evidence_key(cheat.peer_id)
+    await accuser.store(key, evidence.to_bytes(), time.time() + HOUR, subkey=accuser.peer_id)
+
+    found = await verifier.get(key, latest=True)
+    assert isinstance(found, dict)
+    record = Evidence.from_bytes(found[accuser.peer_id.to_bytes()].value)
+    assert record == evidence and record.addrs == (where,)
+    rechecks = [Recheck(KeyPair.generate().peer_id, False) for _ in range(2)]
+    # without the material nobody is blamed; with it (fetched from the accuser) it holds
+    assert judge(record, rechecks).verdict is Verdict.UNDECIDED
+    fetched = judge(record, rechecks, material=(inputs, b"noise"))
+    assert fetched.verdict is Verdict.CONFIRMED and fetched.penalised == cheat.peer_id
+    # material that does not chain to the accused's history costs the accuser
+    forged = judge(record, rechecks, material=([*inputs[:-2], inputs[-1], inputs[-2]], b"noise"))
+    assert forged.verdict is Verdict.REJECTED and forged.penalised == accuser_key.peer_id

@@ -18,7 +18,9 @@ output in place of a step found cheating.
 
 Modes, the issue's (a) to (f): ``noise`` (a), ``zeros`` (b), ``scale`` (c) outputs x 1.05,
 ``flip`` (d) one hidden channel negated, ``rare`` (e) noise on 10 % of the steps only,
-``skip`` (f) the input handed back as the output.
+``skip`` (f) the input handed back as the output. One more, not the issue's: ``late``,
+honest for its first ``LATE_AFTER`` inference steps and noisy from then on (a cheater whose
+first corrupted position is known: the rewind tests need one).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import os
 import queue
 import random
@@ -34,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,8 @@ SCALE = 1.05
 FLIPPED_CHANNEL = 3
 RARE_SHARE = 0.1
 """Mode ``rare``: the share of calls that are corrupted."""
+LATE_AFTER = 3
+"""Mode ``late``: the inference steps run honestly before every later one is noisy."""
 
 Corruption = Callable[[torch.Tensor, torch.Tensor, random.Random], torch.Tensor]
 
@@ -100,21 +106,45 @@ CHEAT_RATES: dict[str, float] = {
     mode: RARE_SHARE if mode == "rare" else 1.0 for mode in CORRUPTIONS
 }
 """Share of a cheater's steps that are wrong, per mode."""
+MODES = (*CORRUPTIONS, "late")
+"""Every mode a cheating server can have: the issue's, and ``late``."""
+
+
+def _late() -> Corruption:
+    """Mode ``late``'s corruption, counting the steps of the span it is made for."""
+    steps = itertools.count(1)
+
+    def corrupt(inputs: torch.Tensor, output: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return _noise(inputs, output, rng) if next(steps) > LATE_AFTER else output
+
+    return corrupt
 
 
 def cheating_span(span: Any, mode: str, rng: random.Random, *, liar: bool) -> Any:
     """A span running ``span``'s blocks whose inference steps are corrupted by ``mode``;
-    its stateless forwards too when ``liar`` (a cheater that also lies when it checks
-    others), else they stay honest (a cheater that passes for honest as a checker)."""
+    its stateless forwards and checkers' replays too when ``liar`` (a cheater that also
+    lies when it checks others), else they stay honest (a cheater that passes for honest
+    as a checker)."""
     from model_shards import Span
 
-    corrupt = CORRUPTIONS[mode]
+    corrupt = _late() if mode == "late" else CORRUPTIONS[mode]
+
+    checking = threading.local()
+    """``active`` while this thread runs a checker's replay (``forward_steps``): its
+    temporary cache is not a real session."""
 
     class CheatingSpan(Span):
         def _run(self, hidden: torch.Tensor, geometry: Any, cache: Any) -> torch.Tensor:
             output = super()._run(hidden, geometry, cache)
-            in_session = cache is not None
+            in_session = cache is not None and not getattr(checking, "active", False)
             return corrupt(hidden, output, rng) if in_session or liar else output
+
+        def forward_steps(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            checking.active = True
+            try:
+                return super().forward_steps(*args, **kwargs)
+            finally:
+                checking.active = False
 
     return CheatingSpan(
         span.family,
@@ -147,6 +177,7 @@ def install(server: Any, mode: str, seed: int, *, liar: bool) -> None:
 # -- launching this process, and a client for its servers (tests, benchmarks) -----------
 
 ROOT = Path(__file__).resolve().parents[2]
+TCP = "/ip4/127.0.0.1/tcp/0"
 MAX_LENGTH = 48
 """Tokens per generation session of ``generate`` (then a new session starts)."""
 PROMPT = 4
@@ -208,6 +239,30 @@ class ServerProcess:
         if self.popen.stdout is not None:
             self.popen.stdout.close()
         self._log.close()
+
+
+@contextmanager
+def cheating_swarm(
+    model: Path, specs: Sequence[str], work: Path, *, timeout: float = 240.0
+) -> Iterator[tuple[str, dict[str, PeerId]]]:
+    """A ``swarm bootstrap`` process and one ``ServerProcess`` holding the servers of
+    ``specs`` (``--server`` values) for ``model``, once all are online: the bootstrap's
+    address and every server's peer id by ``role I:J``. Logs and caches go in ``work``."""
+    from tests.swarm.harness import ProcessSwarm  # the child process needs none of it
+
+    processes = ProcessSwarm(work)
+    servers: ServerProcess | None = None
+    try:
+        bootstrap = processes.start("bootstrap", ["bootstrap", "--listen", TCP]).addr(60)
+        args = ["--model", str(model), "--bootstrap", bootstrap, "--cache-dir", str(work)]
+        for spec in specs:
+            args += ["--server", spec]
+        servers = ServerProcess(args, work / "servers.log")
+        yield bootstrap, servers.servers(timeout=timeout)
+    finally:
+        if servers is not None:
+            servers.stop()
+        processes.close(graceful=False)
 
 
 class HopStream:
@@ -320,10 +375,8 @@ def parse_server(text: str) -> tuple[str, int, int, bool]:
     mode, start, end, *rest = text.split(":")
     if rest not in ([], ["liar"]):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MODE:I:J or MODE:I:J:liar")
-    if mode != "honest" and mode not in CORRUPTIONS:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode {mode!r}; use honest or {', '.join(CORRUPTIONS)}"
-        )
+    if mode != "honest" and mode not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {mode!r}; use honest or {', '.join(MODES)}")
     return mode, int(start), int(end), rest == ["liar"]
 
 
@@ -374,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         type=parse_server,
         required=True,
         metavar="MODE:I:J[:liar]",
-        help=f"a server of blocks I..J-1 (repeatable); MODE: honest, {', '.join(CORRUPTIONS)}; "
+        help=f"a server of blocks I..J-1 (repeatable); MODE: honest, {', '.join(MODES)}; "
         "liar: its forwards (what checkers run) lie too",
     )
     parser.add_argument("--model", required=True)

@@ -22,11 +22,10 @@ import torch
 from model_shards._client import DistributedModelForCausalLM
 from model_shards._server_limits import ClientLimits
 from security import PeerId
-from tests.model_shards.cheater import ServerProcess
+from tests.model_shards.cheater import cheating_swarm
 from tests.model_shards.tiny import TinyModel, prompts
-from tests.swarm.harness import ProcessSwarm, private_copy
+from tests.swarm.harness import private_copy
 
-TCP = "/ip4/127.0.0.1/tcp/0"
 SERVERS = ["noise:0:2", "honest:0:2", "honest:0:2", "honest:2:4"]
 NEW_TOKENS = 10
 PROMPT = prompts(1, 5, seed=21)
@@ -45,22 +44,10 @@ class Swarm:
 def swarm(
     tiny: Callable[[str], TinyModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Swarm]:
-    logs = tmp_path_factory.mktemp("checks-logs")
     tm = private_copy(tiny("llama"), tmp_path_factory.mktemp("checks-model"))
-    cache = tmp_path_factory.mktemp("checks-cache")
-    processes = ProcessSwarm(logs)
-    servers: ServerProcess | None = None
-    try:
-        bootstrap = processes.start("bootstrap", ["bootstrap", "--listen", TCP]).addr(60)
-        args = ["--model", str(tm.path), "--bootstrap", bootstrap, "--cache-dir", str(cache)]
-        for spec in SERVERS:
-            args += ["--server", spec]
-        servers = ServerProcess(args, logs / "servers.log")
-        yield Swarm(bootstrap, tm, servers.servers(timeout=120))
-    finally:
-        if servers is not None:
-            servers.stop()
-        processes.close(graceful=False)
+    work = tmp_path_factory.mktemp("checks")
+    with cheating_swarm(tm.path, SERVERS, work, timeout=120) as (bootstrap, peers):
+        yield Swarm(bootstrap, tm, peers)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from model_shards import (
     tqdm_progress,
 )
 from model_shards._checkpoint import INDEX_FILE, SINGLE_FILE, assign_state
+from model_shards._span import avoid_cudnn_attention
 from model_shards.families import FAMILIES
 from model_shards.families.mixtral import MixtralFamily
 from tests.model_shards.tiny import TinyModel, chain_forward, hf_blocks, make_tiny, prompts
@@ -244,3 +245,15 @@ def test_every_tensor_of_a_block_must_come_from_the_checkpoint() -> None:
     state = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
     with pytest.raises(CheckpointError, match=r"no checkpoint tensor for \['scale'\]"):
         assign_state(module, state, what="test block")
+
+
+@pytest.mark.timeout(10)
+def test_cudnn_attention_can_be_turned_off_for_the_process() -> None:
+    """What ``load_span`` does on CUDA (no GPU here: the switch itself)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -40,14 +40,14 @@ from tests.model_shards.cheater import (
     CHEAT_RATES,
     CORRUPTIONS,
     PROMPT,
-    ServerProcess,
+    TCP,
+    cheating_swarm,
     generate,
 )
 from tests.model_shards.tiny import TinyModel
-from tests.swarm.harness import ProcessSwarm, private_copy
+from tests.swarm.harness import private_copy
 from transport import Multiaddr
 
-TCP = "/ip4/127.0.0.1/tcp/0"
 SETTINGS = SpotCheckSettings(exempt_private_addrs=False)
 """Loopback addresses count as IP groups here: each server sits in its own 127.0.x.0/24."""
 
@@ -184,23 +184,10 @@ class Swarm:
 def swarm(
     tiny: Callable[[str], TinyModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Swarm]:
-    logs = tmp_path_factory.mktemp("logs")
     tm = private_copy(tiny("llama"), tmp_path_factory.mktemp("models"))
-    cache = tmp_path_factory.mktemp("cache")
-    processes = ProcessSwarm(logs)
-    servers: ServerProcess | None = None
-    try:
-        bootstrap = processes.start("bootstrap", ["bootstrap", "--listen", TCP]).addr(60)
-        args = ["--model", str(tm.path), "--bootstrap", bootstrap, "--cache-dir", str(cache)]
-        for spec in SERVERS:
-            args += ["--server", spec]
-        servers = ServerProcess(args, logs / "servers.log")
-        peers = servers.servers(timeout=240)
+    work = tmp_path_factory.mktemp("spotcheck")
+    with cheating_swarm(tm.path, SERVERS, work) as (bootstrap, peers):
         yield Swarm(bootstrap, tm, load_manifest(Checkpoint.open(tm.path)).model_id, peers)
-    finally:
-        if servers is not None:
-            servers.stop()
-        processes.close(graceful=False)
 
 
 @dataclass
@@ -239,6 +226,12 @@ async def test_a_cheater_is_caught_within_the_bound_and_honest_servers_never_are
     cheater = swarm.peers[f"{mode} 0:2"]
     second = client.hop(swarm.peers["honest 0:4"], 2, 4)
     hops = [client.hop(cheater, 0, 2), second]
+    # the bound is stated for the default rate, at which peers that left probation are
+    # checked (one on probation is checked at every step): these have passed their checks
+    for peer in (cheater, second.peer_id):
+        for _ in range(client.book.settings.probation_checks):
+            client.book.record(peer, Event.CHECK_PASSED)
+        assert not client.book.on_probation(peer)
     checker = SpotChecker(client.chain, settings=SETTINGS, book=client.book, rng=random.Random(1))
     bound = detection_bound(SETTINGS.rate, CHEAT_RATES[mode])
     outcome = await generate(

@@ -163,6 +163,39 @@ def test_large_material_stays_with_the_accuser() -> None:
     assert evidence.evidence_id == inline.evidence_id
 
 
+@pytest.mark.timeout(10)
+def test_evidence_held_by_its_accuser_names_where_to_fetch_it() -> None:
+    limits = EvidenceLimits(max_inline_bytes=100)
+    addrs = ["/ip4/127.0.0.1/tcp/4001/p2p/" + client.peer_id.to_base58()]
+    evidence = accusation(answer(cheat, WRONG_OUTPUT), WRONG_OUTPUT, limits=limits, addrs=addrs)
+    assert not evidence.inline and evidence.addrs == tuple(addrs)
+    again = Evidence.from_bytes(evidence.to_bytes())
+    assert again == evidence
+    again.check(limits)
+    # addresses are hints, not signed: the id names the accusation wherever it is served
+    moved = dataclasses.replace(again, addrs=("/ip4/10.0.0.1/tcp/1",))
+    assert moved.evidence_id == evidence.evidence_id
+    moved.check(limits)
+    # inline evidence needs no address
+    inline = accusation(answer(cheat, WRONG_OUTPUT), WRONG_OUTPUT, addrs=addrs)
+    assert inline.inline and inline.addrs == ()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "addrs", [["/ip4/127.0.0.1/tcp/1"] * 9, ["/ip4/127.0.0.1/tcp/1" + "0" * 300]]
+)
+def test_too_many_or_too_long_accuser_addresses_are_refused(addrs: list[str]) -> None:
+    limits = EvidenceLimits(max_inline_bytes=100)
+    evidence = accusation(answer(cheat, WRONG_OUTPUT), WRONG_OUTPUT, limits=limits)
+    content = msgpack.unpackb(evidence.to_bytes(), raw=False)
+    content["addrs"] = addrs
+    with pytest.raises(MalformedEvidence, match="address"):
+        Evidence.from_bytes(msgpack.packb(content, use_bin_type=True))
+    with pytest.raises(MalformedEvidence, match="address"):
+        dataclasses.replace(evidence, addrs=tuple(addrs)).check(limits)
+
+
 @pytest.mark.parametrize(
     ("witnesses", "match"),
     [
