@@ -52,7 +52,6 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,48 +74,20 @@ from model_shards._spot_calibrate import (  # noqa: E402
     sample_checks,
 )
 from model_shards._tolerance import (  # noqa: E402
+    PRECISIONS,
     Precision,
     Tolerance,
     pair_key,
     tolerance_for,
     tolerance_from,
 )
-from tests.model_shards.tiny import CONFIGS, VOCAB  # noqa: E402
+from tests.model_shards.tiny import CALIBRATION_CONFIGS  # noqa: E402
 
-PRECISIONS = [
-    Precision.of(dtype, quant)
-    for quant in ("none", "int8", "nf4")
-    for dtype in ("float32", "bfloat16", "float16")
-]
 HALF_PRECISIONS = [p for p in PRECISIONS if p.dtype != torch.float32]
 SCALES = (0.02, 0.1)
 SPANS = ((0, 1), (1, 3), (0, 4))
 CHEATS = ("noise", "zeros", "scale", "flip", "skip")
 
-
-def wide_llama(hidden: int) -> Callable[[], transformers.PretrainedConfig]:
-    """A four-block Llama of ``hidden`` channels in four heads (head_dim 64 at 256, as
-    real ones), its MLP 2.6875 times as wide (as Llama 2 7B's)."""
-    return lambda: transformers.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 43 // 16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-
-
-MODELS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    **CONFIGS,
-    "llama-128": wide_llama(128),
-    "llama-256": wide_llama(256),
-}
-"""The tiny test models (hidden size 32), and Llamas of hidden size 128 and 256."""
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "bloom", "falcon", "llama-128", "llama-256")
 """The default model set: six families at hidden size 32, the Llama also wider (honest
 quantization errors grow with the hidden size where blocks change the stream a lot)."""
@@ -127,7 +98,7 @@ def build(family: str, scale: float, directory: Path) -> Path:
     path = directory / f"{family}-{scale}"
     if path.exists():
         return path
-    config = MODELS[family]()
+    config = CALIBRATION_CONFIGS[family]()
     config.initializer_range = scale
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

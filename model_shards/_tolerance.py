@@ -89,6 +89,14 @@ class Precision:
         return f"{self.quantization}/{dtype_name(self.dtype)}"
 
 
+PRECISIONS: tuple[Precision, ...] = tuple(
+    Precision.of(dtype, quant)
+    for quant in ("none", "int8", "nf4")
+    for dtype in ("float32", "bfloat16", "float16")
+)
+"""Every precision a server can announce: the calibration's and its test's."""
+
+
 @dataclass(frozen=True, slots=True)
 class Tolerance:
     """The largest honest ``Discrepancy`` between two precisions, per metric."""

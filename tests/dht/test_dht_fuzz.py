@@ -20,6 +20,7 @@ from dht._messages import Codec, Ping, encode_request
 from p2p import Host, RpcContext
 from security import KeyPair
 from tests.dht.dht_helpers import Cluster, proof_of, signed
+from tests.fuzz_values import as_key, deep_nest, edge_scalars
 from transport import MemoryTransport, Multiaddr
 
 OPS = ["ping", "find_node", "find_value", "store", "", "STORE", "delete", 7, None, b"ping"]
@@ -42,25 +43,10 @@ class Hostile:
         r = self.rng
         return r.choice(
             [
-                None,
-                True,
-                False,
-                0,
-                -1,
-                2**63 - 1,
-                -(2**63),
-                2**64 - 1,
+                *edge_scalars(r),
                 r.randint(-(2**31), 2**31),
-                0.5,
-                math.nan,
-                math.inf,
                 -math.inf,
-                -0.0,
                 1e308,
-                "",
-                "x" * r.randint(1, 300),
-                "\u0000\ud7ff",
-                b"",
                 r.randbytes(r.choice([1, 31, 32, 33, 38, 39, 64, 600])),
                 b"\x00" * 32,
                 b"\xff" * 32,
@@ -87,14 +73,10 @@ class Hostile:
             return [self.entry_fields() for _ in range(r.randint(1, 5))]
         if roll < 0.95:
             return [self.peer, [self.addr, self.value(depth + 1)]]
-        nest: Any = self.scalar()
-        for _ in range(r.randint(10, 60)):
-            nest = [nest]
-        return nest
+        return deep_nest(r, self.scalar(), 60)
 
     def scalar_key(self) -> Any:
-        key = self.scalar()
-        return key if isinstance(key, str | int | bytes) and not isinstance(key, bool) else "k"
+        return as_key(self.scalar())
 
     def entry_fields(self) -> list[Any]:
         fields: list[Any] = [

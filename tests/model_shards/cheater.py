@@ -52,6 +52,7 @@ from model_shards._server_protocol import INFERENCE_PROTOCOL, pack_tensors, unpa
 from model_shards._spotcheck import SpotChecker, Verdict
 from p2p import Host, RpcStream
 from security import PeerId
+from tests.model_shards.tiny import span_as
 
 NOISE = 0.1
 """Noise standard deviation, as a share of each token's output RMS."""
@@ -146,15 +147,7 @@ def cheating_span(span: Any, mode: str, rng: random.Random, *, liar: bool) -> An
             finally:
                 checking.active = False
 
-    return CheatingSpan(
-        span.family,
-        list(span.blocks),
-        span.start,
-        dtype=span.dtype,
-        device=span.device,
-        quantization=span.quantization,
-        limits=span.limits,
-    )
+    return span_as(span, CheatingSpan)
 
 
 def install(server: Any, mode: str, seed: int, *, liar: bool) -> None:

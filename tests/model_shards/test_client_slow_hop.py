@@ -20,7 +20,7 @@ from model_shards import Span
 from model_shards._client import DistributedModelForCausalLM
 from model_shards._server_limits import ClientLimits
 from model_shards._server_node import ServerNode
-from tests.model_shards.tiny import TinyModel, prompts
+from tests.model_shards.tiny import TinyModel, prompts, span_as
 from tests.swarm.harness import LocalSwarm
 
 NEW_TOKENS = 12
@@ -65,15 +65,7 @@ class SlowOnce:
                         watch.slept.set()
                 return super()._run(hidden, geometry, cache)
 
-        return SlowSpan(
-            span.family,
-            list(span.blocks),
-            span.start,
-            dtype=span.dtype,
-            device=span.device,
-            quantization=span.quantization,
-            limits=span.limits,
-        )
+        return span_as(span, SlowSpan)
 
 
 @pytest.fixture

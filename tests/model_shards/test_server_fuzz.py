@@ -52,6 +52,7 @@ from model_shards._server_protocol import (
 from model_shards._wire import Compression
 from p2p import Host, RemoteError, RpcCode, RpcContext, RpcError, RpcReply, RpcStream
 from security import KeyPair
+from tests.fuzz_values import as_key, deep_nest, edge_scalars
 from tests.model_shards.tiny import TinyModel
 from tests.swarm.harness import private_copy
 from transport import Multiaddr, TcpTransport
@@ -148,30 +149,15 @@ class Hostile:
         r = self.rng
         return r.choice(
             [
-                None,
-                True,
-                False,
-                0,
+                *edge_scalars(r),
                 1,
-                -1,
                 3,
                 16,
                 64,
                 2**31,
-                2**63 - 1,
-                -(2**63),
-                2**64 - 1,
-                0.5,
-                math.nan,
-                math.inf,
-                -0.0,
-                "",
-                "x" * r.randint(1, 200),
-                "\u0000\ud7ff",
                 "step",
                 "none",
                 "float16",
-                b"",
                 r.randbytes(r.choice([1, 16, 64, 65, 300])),
                 self.live.model_id,
                 r.choice(self.peers),
@@ -189,14 +175,10 @@ class Hostile:
             return [self.value(depth + 1) for _ in range(r.randint(0, 4))]
         if roll < 0.95:
             return {self.key(): self.value(depth + 1) for _ in range(r.randint(0, 4))}
-        nest: Any = self.scalar()
-        for _ in range(r.randint(10, 40)):
-            nest = [nest]
-        return nest
+        return deep_nest(r, self.scalar(), 40)
 
     def key(self) -> Any:
-        key = self.scalar()
-        return key if isinstance(key, str | int | bytes) and not isinstance(key, bool) else "k"
+        return as_key(self.scalar())
 
     def pick(self, valid: Any) -> Any:
         """``valid`` most of the time, else a hostile value."""

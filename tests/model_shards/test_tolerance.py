@@ -24,6 +24,7 @@ import transformers
 
 from model_shards._spot_calibrate import Samples, join_samples, sample_checks
 from model_shards._tolerance import (
+    PRECISIONS,
     STRICT_RMS,
     Precision,
     Tolerance,
@@ -32,13 +33,8 @@ from model_shards._tolerance import (
     tolerance_for,
 )
 from tests.model_shards.cheater import CORRUPTIONS
-from tests.model_shards.tiny import CONFIGS, VOCAB
+from tests.model_shards.tiny import CALIBRATION_CONFIGS
 
-PRECISIONS = [
-    Precision.of(dtype, quant)
-    for quant in ("none", "int8", "nf4")
-    for dtype in ("float32", "bfloat16", "float16")
-]
 CASES = [
     *(
         (family, scale, span, 8)
@@ -54,33 +50,12 @@ CASES = [
 PROMPT, STEPS = 4, 7
 
 
-def wide_llama(hidden: int) -> transformers.LlamaConfig:
-    """A Llama of ``hidden`` channels in four heads (head_dim 64 at 256, as real ones)."""
-    return transformers.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 43 // 16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-
-
-def config_of(model: str) -> transformers.PretrainedConfig:
-    family, _, hidden = model.partition("-")
-    return wide_llama(int(hidden)) if hidden else CONFIGS[family]()
-
-
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> list[Samples]:
     directory = tmp_path_factory.mktemp("tolerance")
     found = []
     for index, (model, scale, (start, end), batch) in enumerate(CASES):
-        config = config_of(model)
+        config = CALIBRATION_CONFIGS[model]()
         config.initializer_range = scale
         torch.manual_seed(100 + index)
         path = Path(directory / f"{model}-{scale}-{index}")
@@ -230,9 +205,9 @@ def test_one_block_checks_agree_within_rounding_and_samples_join(tmp_path: Path)
     inputs, so a checker's recomputation (either method) only rounds differently; and
     precisions sampled apart join into what sampling them together gives."""
     torch.manual_seed(7)
-    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval().save_pretrained(
-        tmp_path
-    )
+    transformers.AutoModelForCausalLM.from_config(
+        CALIBRATION_CONFIGS["llama"]()
+    ).eval().save_pretrained(tmp_path)
     pair = [Precision.of("bfloat16", "nf4"), Precision.of("float32", "int8")]
     sizes = {"batch": 2, "prompt": 3, "steps": 3, "seed": 5}
     methods = ("two-pass", "one-pass")

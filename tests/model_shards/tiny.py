@@ -109,6 +109,43 @@ class TinyModel:
         return self.model.config.num_hidden_layers
 
 
+def wide_llama(hidden: int) -> transformers.LlamaConfig:
+    """A four-block Llama of ``hidden`` channels in four heads (head_dim 64 at 256, as real
+    ones), its MLP 2.6875 times as wide (as Llama 2 7B's)."""
+    return transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **_common(),
+    )
+
+
+CALIBRATION_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    **CONFIGS,
+    "llama-128": lambda: wide_llama(128),
+    "llama-256": lambda: wide_llama(256),
+}
+"""The tiny models (hidden size 32) and Llamas of hidden size 128 and 256: what spot-check
+tolerances are calibrated (``benchmarks/tolerance.py``) and tested on."""
+
+
+def span_as(span: Span, cls: type[Span]) -> Span:
+    """``span``'s blocks, unchanged, in ``cls``: a test's ``Span`` subclass that wraps the
+    real computation (a slow or a cheating server)."""
+    return cls(
+        span.family,
+        list(span.blocks),
+        span.start,
+        dtype=span.dtype,
+        device=span.device,
+        quantization=span.quantization,
+        limits=span.limits,
+    )
+
+
 def make_tiny(name: str, directory: Path, *, max_shard_size: str | None = None) -> TinyModel:
     """Build ``name``'s tiny model with seed 0 and save it (sharded when ``max_shard_size``)."""
     torch.manual_seed(0)
